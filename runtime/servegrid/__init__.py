@@ -1,0 +1,3 @@
+"""servegrid: disaggregated LLM serving on a cluster of GPU nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""The engine interface a Worker drives.
+
+An engine takes pre-tokenized requests and yields token ids as it produces them. One
+``EngineOutput`` carries every token the engine made for that request in one scheduler
+step (usually one; several when the reader is behind), so the worker can forward them in
+one frame. Engines also report KV-cache events and load, which the router consumes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class EngineRequest(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+
+
+class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+
+
+class KvEvent(msgspec.Struct, omit_defaults=True):
+    """Blocks that entered (``stored``) or left (``removed``) a worker's KV cache.
+
+    ``block_hashes`` are chained hashes of full token blocks (see llm.kv_hash), parent first.
+    """
+
+    kind: str  # "stored" | "removed" | "cleared"
+    block_hashes: list[int] = []
+    parent_hash: int | None = None
+
+
+class LoadMetrics(msgspec.Struct):
+    active_blocks: int = 0
+    total_blocks: int = 0
+    active_requests: int = 0
+    waiting_requests: int = 0
+
+
+KvEventSink = Callable[[KvEvent], None]
+
+
+class Engine(abc.ABC):
+    """A token generator. Implementations: mocker, echo (torch and vllm come later)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Yield outputs until one carries a ``finish_reason``.
+
+        Closing the iterator early (``aclose``, or the consumer going away) aborts the
+        request and frees its KV blocks.
+        """
+
+    @abc.abstractmethod
+    def load_metrics(self) -> LoadMetrics: ...
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        """Where to report KV events; engines without a KV cache ignore it."""
+        return None
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
