@@ -1,0 +1,37 @@
+"""Errors of the distributed runtime, one class per thing a caller may want to handle."""
+
+from __future__ import annotations
+
+
+class RuntimeErrorBase(Exception):
+    """Base of every error the distributed runtime raises."""
+
+
+class NoInstancesError(RuntimeErrorBase):
+    """No live instance of the endpoint is registered."""
+
+
+class InstanceUnavailableError(RuntimeErrorBase):
+    """Could not reach an instance (connection refused or reset before any response)."""
+
+    def __init__(self, instance_id: int, reason: str) -> None:
+        super().__init__(f"instance {instance_id:x} unavailable: {reason}")
+        self.instance_id = instance_id
+
+
+class ConnectionLostError(RuntimeErrorBase):
+    """The connection to an instance broke after the stream had produced responses."""
+
+
+class RemoteError(RuntimeErrorBase):
+    """The remote handler raised; ``code`` names the kind, ``message`` says what happened."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class EndpointNotFoundError(RemoteError):
+    def __init__(self, message: str) -> None:
+        super().__init__("endpoint_not_found", message)

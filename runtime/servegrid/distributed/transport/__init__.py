@@ -1,0 +1,1 @@
+"""The TCP request plane: framed, multiplexed request/response streams between processes."""

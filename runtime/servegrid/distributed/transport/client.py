@@ -1,0 +1,257 @@
+"""Request-plane client: one multiplexed TCP connection per remote process.
+
+``Connection.call(endpoint, payload)`` returns a ``ResponseStream``: iterate it for the
+responses, or ``await stream.single()`` for a one-response endpoint. Closing the stream
+before it ends (``aclose``, or leaving an ``async for`` early) sends CANCEL so the server
+stops the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from servegrid.distributed.errors import (
+    ConnectionLostError,
+    EndpointNotFoundError,
+    InstanceUnavailableError,
+    RemoteError,
+)
+from servegrid.distributed.transport.frames import (
+    FrameError,
+    FrameReader,
+    Kind,
+    decode_payload,
+    encode_payload,
+    frame,
+)
+
+_END = object()
+
+
+class ResponseStream:
+    """The responses of one request, in order; an async iterator."""
+
+    __slots__ = (
+        "_conn",
+        "stream_id",
+        "_items",
+        "_waiter",
+        "_done",
+        "_error",
+        "received_any",
+        "_response_type",
+    )
+
+    def __init__(self, conn: Connection, stream_id: int, response_type: Any = None) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        self.received_any = False
+        self._response_type = response_type
+
+    # -- fed by the connection ---------------------------------------------------------
+    def _push(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._push(_END)
+
+    # -- consumer side -------------------------------------------------------------------
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        items = self._items
+        while not items:
+            if self._done:
+                raise StopAsyncIteration
+            self._waiter = self._conn._loop.create_future()
+            await self._waiter
+            self._waiter = None
+        item = items.popleft()
+        if item is _END:
+            self._done = True
+            items.clear()
+            if self._error is not None:
+                raise self._error
+            raise StopAsyncIteration
+        self.received_any = True
+        if self._response_type is not None:
+            return msgspec.convert(item, self._response_type)
+        return item
+
+    async def single(self) -> Any:
+        """The one response of a non-streaming endpoint."""
+        result = None
+        async for item in self:
+            result = item
+        return result
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._conn._cancel(self.stream_id)
+
+    def __del__(self) -> None:
+        if not self._done and self._conn is not None:
+            try:
+                self._conn._cancel(self.stream_id)
+            except Exception:
+                pass
+
+
+class Connection(asyncio.Protocol):
+    """A client connection to one request-plane server, shared by many streams."""
+
+    def __init__(self, instance_id: int, host: str, port: int) -> None:
+        self.instance_id = instance_id
+        self.host = host
+        self.port = port
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = FrameReader()
+        self._streams: dict[int, ResponseStream] = {}
+        self._next_id = 1
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._connecting: asyncio.Future | None = None
+        self.closed = False
+
+    async def connect(self, timeout: float = 5.0) -> None:
+        if self._transport is not None:
+            return
+        if self._connecting is None:
+            self._connecting = self._loop.create_task(self._open(timeout))
+        await asyncio.shield(self._connecting)
+
+    async def _open(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(
+                self._loop.create_connection(lambda: self, self.host, self.port), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            self.closed = True
+            raise InstanceUnavailableError(self.instance_id, f"{self.host}:{self.port}: {exc}") from exc
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            self._transport.close()  # type: ignore[union-attr]
+            self.connection_lost(exc)
+            return
+        streams = self._streams
+        for kind, stream_id, body in frames:
+            stream = streams.get(stream_id)
+            if stream is None:
+                continue  # cancelled by us; late frames are dropped
+            if kind == Kind.DATA:
+                stream._push(decode_payload(body))
+            elif kind == Kind.LAST:
+                del streams[stream_id]
+                stream._push(decode_payload(body))
+                stream._push(_END)
+            elif kind == Kind.END:
+                del streams[stream_id]
+                stream._push(_END)
+            elif kind == Kind.ERROR:
+                del streams[stream_id]
+                code, message = decode_payload(body)
+                error = (
+                    EndpointNotFoundError(message)
+                    if code == "endpoint_not_found"
+                    else RemoteError(code, message)
+                )
+                stream._fail(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._transport = None
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            if stream.received_any or stream._items:
+                stream._fail(ConnectionLostError(f"connection to {self.host}:{self.port} lost"))
+            else:
+                stream._fail(InstanceUnavailableError(self.instance_id, "connection lost"))
+
+    # -- requests --------------------------------------------------------------------------
+    def call(self, endpoint: str, payload: Any, response_type: Any = None) -> ResponseStream:
+        """Send a request on an open connection and return its response stream."""
+        if self.closed or self._transport is None:
+            raise InstanceUnavailableError(self.instance_id, "connection closed")
+        stream_id = self._next_id
+        self._next_id = (stream_id + 1) & 0xFFFFFFFF or 1
+        stream = ResponseStream(self, stream_id, response_type)
+        self._streams[stream_id] = stream
+        self._send(frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload))))
+        return stream
+
+    def _cancel(self, stream_id: int) -> None:
+        if self._streams.pop(stream_id, None) is not None and not self.closed:
+            self._send(frame(Kind.CANCEL, stream_id))
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self._transport is not None and out:
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self.closed = True
+
+
+class ConnectionPool:
+    """Connections by instance id, reopened on demand after a failure."""
+
+    def __init__(self) -> None:
+        self._conns: dict[int, Connection] = {}
+
+    async def get(self, instance_id: int, host: str, port: int) -> Connection:
+        conn = self._conns.get(instance_id)
+        if conn is None or conn.closed or (conn.host, conn.port) != (host, port):
+            conn = Connection(instance_id, host, port)
+            self._conns[instance_id] = conn
+        if conn._transport is None:
+            try:
+                await conn.connect()
+            except InstanceUnavailableError:
+                self._conns.pop(instance_id, None)
+                raise
+        return conn
+
+    def drop(self, instance_id: int) -> None:
+        conn = self._conns.pop(instance_id, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

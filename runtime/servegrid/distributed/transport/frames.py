@@ -1,0 +1,78 @@
+"""The request plane's wire format, defined once.
+
+Every frame is a 9-byte header followed by a body:
+
+    u32 body length | u8 kind | u32 stream id      (big-endian)
+
+Kinds:
+    REQUEST   client → server  body: msgpack [endpoint name, payload]
+    DATA      server → client  body: msgpack payload (one response item)
+    LAST      server → client  body: msgpack payload, and the stream ends (saves an END frame
+                               for single-response endpoints)
+    END       server → client  body: empty; the stream ended normally
+    ERROR     server → client  body: msgpack [code, message]; the stream ended in error
+    CANCEL    client → server  body: empty; the caller went away, stop the work
+
+Stream ids are chosen by the client and are unique per connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+import msgspec
+
+HEADER = struct.Struct("!IBI")
+HEADER_SIZE = HEADER.size
+MAX_FRAME_BODY = 64 * 1024 * 1024
+
+
+class Kind(IntEnum):
+    REQUEST = 1
+    DATA = 2
+    LAST = 3
+    END = 4
+    ERROR = 5
+    CANCEL = 6
+
+
+_pack_header = HEADER.pack
+encode_payload = msgspec.msgpack.Encoder().encode
+decode_payload = msgspec.msgpack.Decoder().decode
+
+
+def frame(kind: int, stream_id: int, body: bytes = b"") -> bytes:
+    return _pack_header(len(body), kind, stream_id) + body
+
+
+class FrameError(Exception):
+    """The peer sent bytes that are not a valid frame; the connection is closed."""
+
+
+class FrameReader:
+    """Incremental frame parser: feed bytes, get complete (kind, stream_id, body) tuples."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        buf = self._buf
+        buf += data
+        frames: list[tuple[int, int, bytes]] = []
+        offset = 0
+        end = len(buf)
+        while end - offset >= HEADER_SIZE:
+            length, kind, stream_id = HEADER.unpack_from(buf, offset)
+            if length > MAX_FRAME_BODY:
+                raise FrameError(f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
+            start = offset + HEADER_SIZE
+            if end - start < length:
+                break
+            frames.append((kind, stream_id, bytes(buf[start : start + length])))
+            offset = start + length
+        if offset:
+            del buf[:offset]
+        return frames

@@ -1,0 +1,231 @@
+"""Request-plane server: one TCP listener per process serves every endpoint it hosts.
+
+A handler is an async callable taking the decoded request payload. If it returns an async
+iterator, each item becomes a DATA frame; otherwise its return value becomes one LAST frame.
+Frames written in the same event-loop iteration are coalesced into one ``write``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from servegrid.distributed.transport.frames import (
+    FrameError,
+    FrameReader,
+    Kind,
+    decode_payload,
+    encode_payload,
+    frame,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[Any] | Any]
+
+
+@dataclass(slots=True)
+class HandlerEntry:
+    handler: Handler
+    request_type: Any  # msgspec-convertible type, or None for the raw decoded payload
+    streaming: bool
+
+
+def _convert(payload: Any, request_type: Any) -> Any:
+    if request_type is None:
+        return payload
+    validate = getattr(request_type, "model_validate", None)
+    if validate is not None:  # pydantic model, for user services that choose it
+        return validate(payload)
+    return msgspec.convert(payload, request_type)
+
+
+def _to_wire(item: Any) -> Any:
+    dump = getattr(item, "model_dump", None)
+    return dump(mode="json") if dump is not None else item
+
+
+class _ServerConnection(asyncio.Protocol):
+    __slots__ = (
+        "_server",
+        "_transport",
+        "_reader",
+        "_tasks",
+        "_out",
+        "_flush_scheduled",
+        "_paused",
+        "_drain_waiters",
+        "_loop",
+    )
+
+    def __init__(self, server: RequestPlaneServer) -> None:
+        self._server = server
+        self._reader = FrameReader()
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            log.warning("closing request-plane connection: %s", exc)
+            self._transport.close()  # type: ignore[union-attr]
+            return
+        for kind, stream_id, body in frames:
+            if kind == Kind.REQUEST:
+                task = self._loop.create_task(self._run(stream_id, body))
+                self._tasks[stream_id] = task
+            elif kind == Kind.CANCEL:
+                task = self._tasks.pop(stream_id, None)
+                if task is not None:
+                    task.cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._connections.discard(self)
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+        self._wake_drainers()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers()
+
+    # -- writing -------------------------------------------------------------------------
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    async def _drain(self) -> None:
+        if self._paused and self._transport is not None and not self._transport.is_closing():
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    # -- one request -------------------------------------------------------------------
+    async def _run(self, stream_id: int, body: bytes) -> None:
+        send = self._send
+        try:
+            endpoint_name, payload = decode_payload(body)
+            entry = self._server._handlers.get(endpoint_name)
+            if entry is None:
+                known = ", ".join(sorted(self._server._handlers)) or "none"
+                send(frame(Kind.ERROR, stream_id, encode_payload(
+                    ["endpoint_not_found", f"no endpoint {endpoint_name!r} here (serving: {known})"]
+                )))
+                return
+            request = _convert(payload, entry.request_type)
+            if entry.streaming:
+                stream = entry.handler(request)
+                try:
+                    async for item in stream:
+                        send(frame(Kind.DATA, stream_id, encode_payload(_to_wire(item))))
+                        if self._paused:
+                            await self._drain()
+                finally:
+                    await stream.aclose()
+                send(frame(Kind.END, stream_id))
+            else:
+                result = entry.handler(request)
+                if inspect.isawaitable(result):
+                    result = await result
+                send(frame(Kind.LAST, stream_id, encode_payload(_to_wire(result))))
+        except asyncio.CancelledError:
+            raise
+        except (msgspec.ValidationError, ValueError, TypeError) as exc:
+            send(frame(Kind.ERROR, stream_id, encode_payload(["invalid_request", str(exc)])))
+        except Exception as exc:
+            log.exception("handler for stream %d failed", stream_id)
+            code = getattr(exc, "code", None) or type(exc).__name__
+            send(frame(Kind.ERROR, stream_id, encode_payload([str(code), str(exc)])))
+        finally:
+            self._tasks.pop(stream_id, None)
+
+
+class RequestPlaneServer:
+    """Serves registered endpoint handlers on one TCP port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self._handlers: dict[str, HandlerEntry] = {}
+        self._connections: set[_ServerConnection] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    def add_handler(
+        self, endpoint: str, handler: Handler, *, request_type: Any = None, streaming: bool | None = None
+    ) -> None:
+        if streaming is None:
+            streaming = inspect.isasyncgenfunction(handler)
+        self._handlers[endpoint] = HandlerEntry(handler, request_type, streaming)
+
+    def remove_handler(self, endpoint: str) -> None:
+        self._handlers.pop(endpoint, None)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(conn._tasks) for conn in self._connections)
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting connections and wait (bounded) for in-flight requests to finish."""
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            if conn._transport is not None:
+                conn._transport.close()
+        self._server = None

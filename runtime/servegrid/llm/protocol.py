@@ -1,0 +1,69 @@
+"""Internal wire types between frontend, processor, router and worker (msgspec, not pydantic).
+
+The OpenAI request models live in ``openai_protocol`` and are validated once, at the HTTP edge;
+everything behind the frontend speaks these structs.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
+
+__all__ = [
+    "EngineOutput",
+    "EngineRequest",
+    "GenerateChunk",
+    "PreprocessedRequest",
+    "RouteRequest",
+    "RouteResponse",
+    "SamplingParams",
+    "TextRequest",
+]
+
+
+class TextRequest(msgspec.Struct, omit_defaults=True):
+    """What the frontend hands the processor: one validated OpenAI request, either kind."""
+
+    request_id: str
+    model: str
+    kind: str  # "chat" | "completion"
+    messages: list[dict] | None = None  # chat
+    prompt: str | None = None  # completion
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+    echo: bool = False
+
+
+class GenerateChunk(msgspec.Struct, omit_defaults=True, array_like=True):
+    """What the processor streams back: new text plus running token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # cumulative
+    prompt_tokens: int = 0  # set on the first chunk
+    cached_tokens: int = 0  # set on the first chunk
+
+
+class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
+    """Processor → worker: token ids and sampling parameters."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+
+
+class RouteRequest(msgspec.Struct, omit_defaults=True):
+    """Processor → router: which worker should serve these tokens?"""
+
+    token_ids: list[int]
+    request_id: str = ""
+
+
+class RouteResponse(msgspec.Struct, omit_defaults=True):
+    worker_id: int
+    overlap_blocks: int = 0

@@ -1,0 +1,96 @@
+"""The request plane against real sockets on loopback, with the file discovery backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from servegrid.distributed.discovery.file import FileDiscovery
+from servegrid.distributed.errors import NoInstancesError, RemoteError
+from servegrid.distributed.runtime import DistributedRuntime
+
+
+@pytest.fixture
+async def runtimes(tmp_path):
+    made: list[DistributedRuntime] = []
+
+    async def make() -> DistributedRuntime:
+        rt = DistributedRuntime(FileDiscovery(tmp_path))
+        await rt.discovery.start()
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        await rt.shutdown(drain_timeout=1)
+
+
+async def test_streaming_and_unary_calls_across_runtimes(runtimes):
+    server, caller = await runtimes(), await runtimes()
+
+    async def count(n: int):
+        for i in range(n):
+            yield i
+
+    async def add(pair: list[int]) -> int:
+        return pair[0] + pair[1]
+
+    comp = server.namespace("t").component("Math")
+    await comp.endpoint("count").serve(count, instance_id=1)
+    await comp.endpoint("add").serve(add, instance_id=1)
+
+    count_client = await caller.namespace("t").component("Math").endpoint("count").client()
+    add_client = await caller.namespace("t").component("Math").endpoint("add").client()
+    assert [i async for i in await count_client.round_robin(5)] == [0, 1, 2, 3, 4]
+    assert await (await add_client.round_robin([2, 3])).single() == 5
+    # Many concurrent streams share one connection.
+    results = await asyncio.gather(*[(await add_client.random([i, i])).single() for i in range(50)])
+    assert results == [2 * i for i in range(50)]
+
+
+async def test_handler_error_reaches_caller_and_server_keeps_serving(runtimes):
+    server, caller = await runtimes(), await runtimes()
+
+    async def boom(x: int) -> int:
+        if x < 0:
+            raise ValueError("negative input")
+        return x
+
+    await server.namespace("t").component("C").endpoint("boom").serve(boom, instance_id=7)
+    client = await caller.namespace("t").component("C").endpoint("boom").client()
+    with pytest.raises(RemoteError, match="negative input"):
+        await (await client.round_robin(-1)).single()
+    assert await (await client.round_robin(3)).single() == 3
+
+
+async def test_closing_a_stream_cancels_the_work_on_the_server(runtimes):
+    server, caller = await runtimes(), await runtimes()
+    cancelled = asyncio.Event()
+
+    async def forever(_: None):
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0.01)
+        finally:
+            cancelled.set()
+
+    await server.namespace("t").component("C").endpoint("forever").serve(forever, instance_id=9)
+    client = await caller.namespace("t").component("C").endpoint("forever").client()
+    stream = await client.round_robin(None)
+    async for item in stream:
+        if item == 3:
+            break
+    await stream.aclose()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert server.server.in_flight == 0
+
+
+async def test_no_instances_is_a_clear_error(runtimes):
+    caller = await runtimes()
+    client = await caller.namespace("t").component("Nobody").endpoint("x").client()
+    with pytest.raises(NoInstancesError, match="Nobody"):
+        await client.round_robin(1)
