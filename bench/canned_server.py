@@ -132,12 +132,15 @@ class CannedServer:
         port: int = 0,
         fail_every: int = 0,
         split_events: bool = False,
+        omit_usage: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.fail_every = fail_every
         # Cut every SSE event across two HTTP chunks, to prove a client reassembles them.
         self.split_events = split_events
+        # Never send a usage block, as some servers do not: the client must count tokens itself.
+        self.omit_usage = omit_usage
         self.stats = CannedServerStats()
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -191,7 +194,7 @@ class CannedServer:
             stats.streamed += 1
             transport.write(self._stream(req, n, chat))
         else:
-            transport.write(_response("200 OK", _full_body(req, n, chat)))
+            transport.write(_response("200 OK", _full_body(req, n, chat, not self.omit_usage)))
 
     def _stream(self, req: _CompletionRequest, n: int, chat: bool) -> bytes:
         parts = [_STREAM_HEAD]
@@ -204,7 +207,8 @@ class CannedServer:
         for i in range(n):
             choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"text": f" w{i}"}
             events.append({"id": "c", "object": obj, "model": req.model, "choices": [choice]})
-        if req.stream_options is not None and req.stream_options.include_usage:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        if include_usage and not self.omit_usage:
             usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": n + 8}
             events.append({"id": "c", "object": obj, "choices": [], "usage": usage})
         for ev in events:
@@ -220,7 +224,7 @@ class CannedServer:
         return b"".join(parts)
 
 
-def _full_body(req: _CompletionRequest, n: int, chat: bool) -> bytes:
+def _full_body(req: _CompletionRequest, n: int, chat: bool, with_usage: bool) -> bytes:
     text = "".join(f" w{i}" for i in range(n))
     usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": n + 8}
     if chat:
@@ -230,9 +234,10 @@ def _full_body(req: _CompletionRequest, n: int, chat: bool) -> bytes:
     else:
         choice = {"index": 0, "text": text, "finish_reason": "length"}
         obj = "text_completion"
-    return _encode(
-        {"id": "c", "object": obj, "model": req.model, "choices": [choice], "usage": usage}
-    )
+    body: dict[str, object] = {"id": "c", "object": obj, "model": req.model, "choices": [choice]}
+    if with_usage:
+        body["usage"] = usage
+    return _encode(body)
 
 
 async def _serve(host: str, port: int, fail_every: int) -> None:

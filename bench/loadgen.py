@@ -404,16 +404,16 @@ def build_requests(cfg: LoadConfig, target: _Target, model: str) -> list[bytes]:
     return out
 
 
-async def fetch_first_model(target: _Target, api_key: str | None, timeout: float) -> str:
+async def fetch_first_model(target: _Target, api_key: str | None, limit_s: float) -> str:
     """The first model id that GET /v1/models lists."""
     where = f"http://{target.host_header}{target.base_path}/v1/models"
     try:
-        conn = await asyncio.wait_for(_connect(target.host, target.port), timeout)
+        conn = await asyncio.wait_for(_connect(target.host, target.port), limit_s)
     except (OSError, TimeoutError) as exc:
         raise LoadgenError(f"cannot connect to {where}: {exc}; is the server running?") from None
     try:
         req = _http_request(target, "GET", "/v1/models", b"", api_key)
-        status = await asyncio.wait_for(conn.send(req, False, time.perf_counter()), timeout)
+        status = await asyncio.wait_for(conn.send(req, False, time.perf_counter()), limit_s)
         body = b"".join(conn.body)
     except (OSError, TimeoutError, httptools.HttpParserError) as exc:
         raise LoadgenError(f"GET {where} failed: {exc!r}; pass --model to skip it") from None
@@ -543,14 +543,14 @@ async def _worker(
             stats.ttfts.append(t_end - t0)
 
 
-async def _watchdog(conns: list[_Conn | None], timeout: float) -> None:
+async def _watchdog(conns: list[_Conn | None], limit_s: float) -> None:
     """Abort any connection whose request has outlived --timeout (cheaper than a timer each)."""
-    period = min(0.25, timeout / 4)
+    period = min(0.25, limit_s / 4)
     while True:
         await asyncio.sleep(period)
         now = time.perf_counter()
         for conn in conns:
-            if conn is not None and conn.waiter is not None and now - conn.t_sent > timeout:
+            if conn is not None and conn.waiter is not None and now - conn.t_sent > limit_s:
                 conn.timed_out = True
                 conn.abort()
 
