@@ -133,6 +133,8 @@ class CannedServer:
         fail_every: int = 0,
         split_events: bool = False,
         omit_usage: bool = False,
+        delay_s: float = 0.0,
+        token_interval_s: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -141,6 +143,11 @@ class CannedServer:
         self.split_events = split_events
         # Never send a usage block, as some servers do not: the client must count tokens itself.
         self.omit_usage = omit_usage
+        # Answer each completion this late, to pace the client like a real server would
+        # (one wakeup per answer instead of many answers per wakeup).
+        self.delay_s = delay_s
+        # Space a stream's events out in time, so each arrives in its own read like real tokens.
+        self.token_interval_s = token_interval_s
         self.stats = CannedServerStats()
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -192,11 +199,29 @@ class CannedServer:
         n = max(1, req.max_tokens)
         if req.stream:
             stats.streamed += 1
-            transport.write(self._stream(req, n, chat))
+            if self.token_interval_s > 0:
+                self._stream_paced(transport, req, n, chat)
+                return
+            answer = b"".join(self._stream(req, n, chat))
         else:
-            transport.write(_response("200 OK", _full_body(req, n, chat, not self.omit_usage)))
+            answer = _response("200 OK", _full_body(req, n, chat, not self.omit_usage))
+        if self.delay_s > 0:
+            asyncio.get_running_loop().call_later(self.delay_s, _write_open, transport, answer)
+        else:
+            transport.write(answer)
 
-    def _stream(self, req: _CompletionRequest, n: int, chat: bool) -> bytes:
+    def _stream_paced(
+        self, transport: asyncio.Transport, req: _CompletionRequest, n: int, chat: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        head, *events = self._stream(req, n, chat)
+        # The head goes with the first event, after the usual delay; then one event a tick.
+        events[0] = head + events[0]
+        for i, data in enumerate(events):
+            loop.call_later(self.delay_s + i * self.token_interval_s, _write_open, transport, data)
+
+    def _stream(self, req: _CompletionRequest, n: int, chat: bool) -> list[bytes]:
+        """The response head, then one piece per SSE event; the last piece ends the body."""
         parts = [_STREAM_HEAD]
         obj = "chat.completion.chunk" if chat else "text_completion"
         events = []
@@ -215,13 +240,16 @@ class CannedServer:
             data = b"data: " + _encode(ev) + b"\n\n"
             if self.split_events:
                 half = len(data) // 2
-                parts.append(_chunk(data[:half]))
-                parts.append(_chunk(data[half:]))
+                parts.append(_chunk(data[:half]) + _chunk(data[half:]))
             else:
                 parts.append(_chunk(data))
-        parts.append(_chunk(b"data: [DONE]\n\n"))
-        parts.append(_CHUNK_END)
-        return b"".join(parts)
+        parts.append(_chunk(b"data: [DONE]\n\n") + _CHUNK_END)
+        return parts
+
+
+def _write_open(transport: asyncio.Transport, data: bytes) -> None:
+    if not transport.is_closing():
+        transport.write(data)
 
 
 def _full_body(req: _CompletionRequest, n: int, chat: bool, with_usage: bool) -> bytes:
@@ -240,8 +268,14 @@ def _full_body(req: _CompletionRequest, n: int, chat: bool, with_usage: bool) ->
     return _encode(body)
 
 
-async def _serve(host: str, port: int, fail_every: int) -> None:
-    server = CannedServer(host, port, fail_every=fail_every)
+async def _serve(args: argparse.Namespace) -> None:
+    server = CannedServer(
+        args.host,
+        args.port,
+        fail_every=args.fail_every,
+        delay_s=args.delay_ms / 1000,
+        token_interval_s=args.token_interval_ms / 1000,
+    )
     await server.start()
     print(f"canned server on {server.url}", flush=True)
     try:
@@ -255,6 +289,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8900)
     parser.add_argument("--fail-every", type=int, default=0, help="500 every k-th completion")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="answer completions this late")
+    parser.add_argument(
+        "--token-interval-ms", type=float, default=0.0, help="space stream events this far apart"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -263,7 +301,7 @@ def main() -> None:
     except ImportError:
         pass
     try:
-        asyncio.run(_serve(args.host, args.port, args.fail_every))
+        asyncio.run(_serve(args))
     except KeyboardInterrupt:
         pass
 

@@ -235,3 +235,20 @@ def test_cli_prints_a_table_and_exits_1_when_every_request_failed(
     assert bad.returncode == 1
     assert "every request failed" in bad.stderr
     assert "500: 20" in bad.stdout
+
+
+async def test_ttft_and_inter_token_latency_follow_the_servers_pacing() -> None:
+    # First token 40 ms after the request, then one every 10 ms: the figures cannot be lower.
+    srv = CannedServer(delay_s=0.04, token_interval_s=0.01)
+    await srv.start()
+    try:
+        cfg = LoadConfig(url=srv.url, stream=True, requests=4, concurrency=2, max_tokens=4)
+        r = await run_load(cfg)
+    finally:
+        await srv.close()
+    assert (r.requests_ok, r.output_tokens) == (4, 16)
+    assert r.ttft_p50_ms is not None and r.itl_p50_ms is not None
+    assert r.latency_p50_ms is not None
+    assert 40 <= r.ttft_p50_ms < 1000
+    assert 9 <= r.itl_p50_ms < 500
+    assert r.latency_p50_ms >= 40 + 3 * 10
