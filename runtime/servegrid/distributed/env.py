@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Comma-separated etcd client URLs (``http://10.0.0.1:2379``) or ``host:port`` pairs. Set: cluster
+# mode with etcd discovery. Unset: embedded mode with file discovery.
 ETCD_ENDPOINTS = "ETCD_ENDPOINTS"
+# NATS URL (``nats://10.0.0.1:4222``). Unset: ``servegrid serve`` starts a private nats-server.
 NATS_SERVER = "NATS_SERVER"
+# The address other processes use to reach this one (what goes into discovery).
 SERVEGRID_ADVERTISE_HOST = "SERVEGRID_ADVERTISE_HOST"
+# The address listeners bind to.
 SERVEGRID_BIND_HOST = "SERVEGRID_BIND_HOST"
+# Discovery lease time-to-live in seconds.
 SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
+# Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
 
 # Set by `servegrid serve` for the processes it starts.
@@ -18,13 +25,38 @@ SERVEGRID_GRAPH = "SERVEGRID_GRAPH"
 SERVEGRID_SERVICES = "SERVEGRID_SERVICES"
 SERVEGRID_WORKER_INDEX = "SERVEGRID_WORKER_INDEX"
 
+DEFAULT_LEASE_TTL = 10.0
+
+
+def etcd_endpoints() -> list[str]:
+    """The configured etcd endpoints, or an empty list in embedded mode."""
+    raw = os.environ.get(ETCD_ENDPOINTS, "")
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
 
 def cluster_mode() -> bool:
     """True when discovery is etcd (multi-node); False for the embedded single-host mode."""
-    return bool(os.environ.get(ETCD_ENDPOINTS))
+    return bool(etcd_endpoints())
+
+
+def lease_ttl() -> float:
+    """``SERVEGRID_LEASE_TTL`` in seconds, or the default; a bad value is a clear error."""
+    raw = os.environ.get(SERVEGRID_LEASE_TTL, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"{SERVEGRID_LEASE_TTL}={raw!r} is not a number; set it to seconds, e.g. 10"
+        ) from None
+    if ttl <= 0:
+        raise ValueError(f"{SERVEGRID_LEASE_TTL}={raw!r} must be positive, e.g. 10")
+    return ttl
 
 
 def discovery_dir() -> Path:
+    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default."""
     value = os.environ.get(SERVEGRID_DISCOVERY_DIR)
     if value:
         return Path(value)
