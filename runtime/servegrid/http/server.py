@@ -1,0 +1,126 @@
+"""``OpenAIHttpServer``: the Frontend's OpenAI-compatible HTTP/1.1 listener.
+
+Raw asyncio + httptools rather than an ASGI stack: the frontend shares a small machine with the
+rest of the serving graph, and every microsecond of CPU per request counts. Usage::
+
+    server = OpenAIHttpServer(backend, "0.0.0.0", 8000)
+    await server.start()
+    ...
+    await server.stop()  # stop accepting, let in-flight requests finish (bounded), close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from servegrid.http.connection import HttpConnection
+from servegrid.http.metrics import FrontendMetrics
+from servegrid.http.openai_app import OpenAIApp, OpenAIBackend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class OpenAIHttpServer:
+    def __init__(
+        self,
+        backend: OpenAIBackend,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        metrics: FrontendMetrics | None = None,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
+        backlog: int = 2048,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.metrics = metrics if metrics is not None else FrontendMetrics()
+        self.app = OpenAIApp(backend, self.metrics)
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self._backlog = backlog
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[HttpConnection] = set()
+        self._all_closed: asyncio.Event | None = None
+        self._reaper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: HttpConnection(self, self.app, self.max_body_bytes),
+                self.host,
+                self.port,
+                backlog=self._backlog,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror}; "
+                "choose another Frontend port or stop what is using it",
+            ) from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = loop.create_task(self._close_idle_connections())
+        log.info("OpenAI HTTP server listening on %s:%d", self.host, self.port)
+
+    async def stop(self, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop accepting; idle connections close now, busy ones after their response."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        self._all_closed = asyncio.Event()
+        for conn in list(self._connections):
+            conn.shutdown()
+        if self._connections:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "%d connection(s) still busy after %.0f s; closing them",
+                    len(self._connections),
+                    timeout_s,
+                )
+                for conn in list(self._connections):
+                    conn.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    # -- bookkeeping, called by connections -----------------------------------------------------
+    def _connection_opened(self, conn: HttpConnection) -> None:
+        self._connections.add(conn)
+        if self._all_closed is not None:  # accepted just before close(): serve nothing more
+            conn.shutdown()
+
+    def _connection_closed(self, conn: HttpConnection) -> None:
+        self._connections.discard(conn)
+        if self._all_closed is not None and not self._connections:
+            self._all_closed.set()
+
+    def _count_rejected(self, status: int) -> None:
+        self.metrics.requests.inc(("other", str(status)))
+
+    async def _close_idle_connections(self) -> None:
+        # One sweep every few seconds costs less than a timer per request.
+        period = max(0.5, min(5.0, self.keepalive_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - self.keepalive_timeout_s
+            for conn in list(self._connections):
+                if not conn.busy and conn.idle_since < deadline:
+                    conn.shutdown()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
