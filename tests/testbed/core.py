@@ -22,9 +22,9 @@ from .config import TestbedConfig
 from .node import Node, wait_ready
 from .system import (
     TestbedError,
-    descendants,
     mounts_under,
     nspawn_pids_under,
+    pids_in_netns,
     preflight_problems,
     remove_tree,
     run,
@@ -153,22 +153,27 @@ class Testbed:
     def down(self) -> None:
         """Remove every process, mount, namespace, link and file the testbed made."""
         cfg = self.cfg
-        pids = sorted(set(nspawn_pids_under(cfg.state_dir)))
+        pids = nspawn_pids_under(cfg.state_dir)
         if pids:
             self.progress(f"powering off {len(pids)} node(s)")
-        inside = [c for p in pids for c in descendants(p)]
         for pid in pids:
             signal_pid(pid, signal.SIGTERM)  # clean poweroff of each container
-        left = wait_gone(pids, cfg.stop_timeout_s)
-        for pid in left + [p for p in inside if p not in pids]:
+        wait_gone(pids, cfg.stop_timeout_s)
+        # Whatever did not power off, and any container orphaned by a killed nspawn.
+        rest = nspawn_pids_under(cfg.state_dir) + self._container_pids()
+        for pid in rest:
             signal_pid(pid, signal.SIGKILL)
-        if wait_gone(pids + inside, 15):
-            raise TestbedError(f"node processes survive SIGKILL: {pids + inside}")
+        if left := wait_gone(rest, 15):
+            raise TestbedError(f"node processes {left} survive SIGKILL; see `ps -p`")
         unmount_all_under(cfg.state_dir)
         network.remove_all(cfg)
         remove_tree(cfg.state_dir)
         if leaks := self.leftovers():
             raise TestbedError("teardown left behind: " + "; ".join(leaks))
+
+    def _container_pids(self) -> list[int]:
+        namespaces, _ = network.ours(self.cfg)
+        return [pid for ns in namespaces for pid in pids_in_netns(ns)]
 
     def leftovers(self) -> list[str]:
         """Anything of this testbed still on the host; empty after a clean `down`."""
@@ -176,6 +181,8 @@ class Testbed:
         found = []
         if pids := nspawn_pids_under(cfg.state_dir):
             found.append(f"nspawn processes {pids}")
+        if inside := self._container_pids():
+            found.append(f"container processes {inside}")
         if mounts := mounts_under(cfg.state_dir):
             found.append(f"mounts {mounts}")
         namespaces, links = network.ours(cfg)

@@ -17,14 +17,15 @@ from .config import TestbedConfig
 from .system import (
     TestbedError,
     cmdline,
-    descendants,
     mounts_under,
     pid_alive,
-    reap,
+    pids_in_netns,
     run,
     signal_pid,
     wait_gone,
 )
+
+_BOOT_MARK = "=== servegrid testbed: boot"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Node:
         lines = ["127.0.0.1 localhost", f"127.0.1.1 {self.name}"]
         lines += [f"{p.ip} {p.name}" for p in peers]
         (self.root / "etc/hosts").write_text("\n".join(lines) + "\n")
+        (self.root / "etc/hostname").write_text(self.name + "\n")
 
     # -- process ---------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ class Node:
             return None
         args = cmdline(pid)
         # Guard against PID reuse: the process must be our nspawn for this root.
-        if pid_alive(pid) and args and str(self.root) in args:
+        if pid_alive(pid) and any(a == f"--directory={self.root}" for a in args):
             return pid
         return None
 
@@ -113,6 +115,8 @@ class Node:
         if self.cfg.wheelhouse:
             cmd.append(f"--bind-ro={self.cfg.wheelhouse}:/opt/wheelhouse")
         log = open(self.log_path, "ab")
+        log.write(f"{_BOOT_MARK} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        log.flush()
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -127,34 +131,41 @@ class Node:
         self.pid_path.write_text(f"{proc.pid}\n")
         return proc.pid
 
+    def container_pids(self) -> list[int]:
+        """Every process inside the node (they all share its network namespace)."""
+        return pids_in_netns(self.cfg.netns(self.name))
+
     def stop(self, *, hard: bool) -> None:
-        """Power the node off (SIGTERM, then SIGKILL after the timeout) or kill it (hard)."""
+        """Power the node off (SIGTERM, then SIGKILL after the timeout) or crash it (hard)."""
         pid = self.pid()
-        if pid is None:
+        inside = self.container_pids()
+        if pid is None and not inside:
             return
-        container = descendants(pid)
-        if not hard:
+        if pid is not None and not hard:
             # nspawn turns SIGTERM into a clean poweroff of the container's systemd.
             signal_pid(pid, signal.SIGTERM)
             wait_gone([pid], self.cfg.stop_timeout_s)
-        signal_pid(pid, signal.SIGKILL)
-        # Killing nspawn kills the container's PID 1 and with it its whole PID namespace.
-        left = wait_gone([pid, *container], 15)
-        if left:
-            for p in left:
-                signal_pid(p, signal.SIGKILL)
-            left = wait_gone(left, 5)
+        # nspawn dying does not take the container with it: kill the container's processes
+        # (its PID 1 first, which ends its PID namespace), then nspawn.
+        inside = self.container_pids()
+        for p in inside:
+            signal_pid(p, signal.SIGKILL)
+        if pid is not None:
+            signal_pid(pid, signal.SIGKILL)
+        left = wait_gone([*([pid] if pid else []), *inside], 15)
+        left += [p for p in self.container_pids() if p not in left]
         if left:
             raise TestbedError(f"{self.name}: processes {left} survived SIGKILL")
-        reap(pid)
         self.pid_path.unlink(missing_ok=True)
 
-    def console_tail(self, lines: int = 15) -> str:
+    def console_tail(self) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no console log)"
-        return "\n".join(text.splitlines()[-lines:])
+        # Only this boot's output: earlier boots are above the last mark.
+        text = text.rsplit(_BOOT_MARK, 1)[-1]
+        return "\n".join(line for line in text.splitlines() if line.strip())[-3000:]
 
     # -- reachability ----------------------------------------------------------------------
 

@@ -95,6 +95,27 @@ def nspawn_pids_under(directory: Path) -> list[int]:
     return found
 
 
+def pids_in_netns(name: str) -> list[int]:
+    """PIDs of processes inside the named network namespace (/run/netns/NAME).
+
+    A container's processes live in another mount namespace, so their root paths say nothing
+    from the host; the network namespace we made for the node identifies them instead.
+    """
+    try:
+        inode = os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        return []
+    want = f"net:[{inode}]"
+    found = []
+    for pid in all_pids():
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") == want and pid_alive(pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def descendants(root_pid: int) -> list[int]:
     """All live descendants of `root_pid` (read from /proc, one snapshot)."""
     children: dict[int, list[int]] = {}
