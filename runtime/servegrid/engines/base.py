@@ -26,7 +26,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
 class EngineRequest(msgspec.Struct, omit_defaults=True):
     request_id: str
     token_ids: list[int]
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
 
 
 class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -79,3 +79,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
+
+
+class EngineRequestError(ValueError):
+    """A request this engine can never serve, whatever its load: a client error (HTTP 400)."""
+
+
+class PromptTooLongError(EngineRequestError):
+    """The prompt does not fit the engine's ``max-model-len`` (or its whole KV cache)."""
+
+
+class EngineConfigError(ValueError):
+    """An engine's config has a bad or unknown value; the message names the key."""
