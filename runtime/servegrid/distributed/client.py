@@ -116,7 +116,9 @@ class EndpointClient:
         self._runtime.pool.drop(instance_id)
 
     # -- requests ----------------------------------------------------------------------
-    async def direct(self, payload: Any, instance_id: int, response_type: Any = None) -> ResponseStream:
+    async def direct(
+        self, payload: Any, instance_id: int, response_type: Any = None
+    ) -> ResponseStream:
         info = self._instances.get(instance_id)
         if info is None:
             raise NoInstancesError(
@@ -137,7 +139,9 @@ class EndpointClient:
 
     generate = round_robin
 
-    async def _pick_and_call(self, payload: Any, response_type: Any, round_robin: bool) -> ResponseStream:
+    async def _pick_and_call(
+        self, payload: Any, response_type: Any, round_robin: bool
+    ) -> ResponseStream:
         if self._watch_task is None:
             await self.start()
         last_error: Exception | None = None
@@ -159,7 +163,9 @@ class EndpointClient:
             + (f" (last error: {last_error})" if last_error else "")
         )
 
-    async def call_with_retry(self, payload: Any, response_type: Any = None, instance_id: int | None = None):
+    async def call_with_retry(
+        self, payload: Any, response_type: Any = None, instance_id: int | None = None
+    ):
         """Stream responses; if an instance dies before its first response, retry elsewhere."""
         attempts = 0
         tried: set[int] = set()

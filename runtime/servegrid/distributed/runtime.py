@@ -62,7 +62,10 @@ class DistributedRuntime:
     async def from_env(cls) -> DistributedRuntime:
         advertise, bind = _advertise_and_bind()
         runtime = cls(
-            discovery_from_env(), advertise_host=advertise, bind_host=bind, nats_url=nats_url_from_env()
+            discovery_from_env(),
+            advertise_host=advertise,
+            bind_host=bind,
+            nats_url=nats_url_from_env(),
         )
         await runtime.discovery.start()
         return runtime
@@ -210,4 +213,6 @@ class Endpoint:
         )
 
     async def client(self) -> EndpointClient:
-        return await self._runtime.client(self.component.namespace.name, self.component.name, self.name)
+        return await self._runtime.client(
+            self.component.namespace.name, self.component.name, self.name
+        )

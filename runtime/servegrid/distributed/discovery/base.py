@@ -21,7 +21,9 @@ import msgspec
 KEY_ROOT = "servegrid"
 
 
-def instance_prefix(namespace: str, component: str | None = None, endpoint: str | None = None) -> str:
+def instance_prefix(
+    namespace: str, component: str | None = None, endpoint: str | None = None
+) -> str:
     """The key prefix under which instances of a namespace (component, endpoint) live."""
     parts = [KEY_ROOT, namespace, "instances"]
     if component is not None:
@@ -45,7 +47,9 @@ class InstanceInfo(msgspec.Struct, frozen=True):
 
     @property
     def key(self) -> str:
-        return f"{instance_prefix(self.namespace, self.component, self.endpoint)}{self.instance_id:x}"
+        return (
+            f"{instance_prefix(self.namespace, self.component, self.endpoint)}{self.instance_id:x}"
+        )
 
     @property
     def address(self) -> tuple[str, int]:

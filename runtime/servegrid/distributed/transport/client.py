@@ -13,14 +13,13 @@ import socket
 from collections import deque
 from typing import Any
 
-import msgspec
-
 from servegrid.distributed.errors import (
     ConnectionLostError,
     EndpointNotFoundError,
     InstanceUnavailableError,
     RemoteError,
 )
+from servegrid.distributed.transport.codec import converter_for
 from servegrid.distributed.transport.frames import (
     FrameError,
     FrameReader,
@@ -38,13 +37,13 @@ class ResponseStream:
 
     __slots__ = (
         "_conn",
-        "stream_id",
-        "_items",
-        "_waiter",
+        "_convert",
         "_done",
         "_error",
+        "_items",
+        "_waiter",
         "received_any",
-        "_response_type",
+        "stream_id",
     )
 
     def __init__(self, conn: Connection, stream_id: int, response_type: Any = None) -> None:
@@ -55,7 +54,7 @@ class ResponseStream:
         self._done = False
         self._error: BaseException | None = None
         self.received_any = False
-        self._response_type = response_type
+        self._convert = converter_for(response_type)
 
     # -- fed by the connection ---------------------------------------------------------
     def _push(self, item: Any) -> None:
@@ -88,9 +87,8 @@ class ResponseStream:
                 raise self._error
             raise StopAsyncIteration
         self.received_any = True
-        if self._response_type is not None:
-            return msgspec.convert(item, self._response_type)
-        return item
+        convert = self._convert
+        return item if convert is None else convert(item)
 
     async def single(self) -> Any:
         """The one response of a non-streaming endpoint."""
@@ -143,7 +141,9 @@ class Connection(asyncio.Protocol):
             )
         except (OSError, TimeoutError) as exc:
             self.closed = True
-            raise InstanceUnavailableError(self.instance_id, f"{self.host}:{self.port}: {exc}") from exc
+            raise InstanceUnavailableError(
+                self.instance_id, f"{self.host}:{self.port}: {exc}"
+            ) from exc
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

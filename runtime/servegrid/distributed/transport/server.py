@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from servegrid.distributed.transport.codec import converter_for, to_wire
 from servegrid.distributed.transport.frames import (
     FrameError,
     FrameReader,
@@ -34,35 +35,21 @@ Handler = Callable[[Any], Awaitable[Any] | Any]
 @dataclass(slots=True)
 class HandlerEntry:
     handler: Handler
-    request_type: Any  # msgspec-convertible type, or None for the raw decoded payload
+    convert: Callable[[Any], Any] | None  # decoded builtins → the handler's request type
     streaming: bool
-
-
-def _convert(payload: Any, request_type: Any) -> Any:
-    if request_type is None:
-        return payload
-    validate = getattr(request_type, "model_validate", None)
-    if validate is not None:  # pydantic model, for user services that choose it
-        return validate(payload)
-    return msgspec.convert(payload, request_type)
-
-
-def _to_wire(item: Any) -> Any:
-    dump = getattr(item, "model_dump", None)
-    return dump(mode="json") if dump is not None else item
 
 
 class _ServerConnection(asyncio.Protocol):
     __slots__ = (
-        "_server",
-        "_transport",
-        "_reader",
-        "_tasks",
-        "_out",
-        "_flush_scheduled",
-        "_paused",
         "_drain_waiters",
+        "_flush_scheduled",
         "_loop",
+        "_out",
+        "_paused",
+        "_reader",
+        "_server",
+        "_tasks",
+        "_transport",
     )
 
     def __init__(self, server: RequestPlaneServer) -> None:
@@ -149,16 +136,25 @@ class _ServerConnection(asyncio.Protocol):
             entry = self._server._handlers.get(endpoint_name)
             if entry is None:
                 known = ", ".join(sorted(self._server._handlers)) or "none"
-                send(frame(Kind.ERROR, stream_id, encode_payload(
-                    ["endpoint_not_found", f"no endpoint {endpoint_name!r} here (serving: {known})"]
-                )))
+                send(
+                    frame(
+                        Kind.ERROR,
+                        stream_id,
+                        encode_payload(
+                            [
+                                "endpoint_not_found",
+                                f"no endpoint {endpoint_name!r} here (serving: {known})",
+                            ]
+                        ),
+                    )
+                )
                 return
-            request = _convert(payload, entry.request_type)
+            request = entry.convert(payload) if entry.convert is not None else payload
             if entry.streaming:
                 stream = entry.handler(request)
                 try:
                     async for item in stream:
-                        send(frame(Kind.DATA, stream_id, encode_payload(_to_wire(item))))
+                        send(frame(Kind.DATA, stream_id, encode_payload(to_wire(item))))
                         if self._paused:
                             await self._drain()
                 finally:
@@ -168,7 +164,7 @@ class _ServerConnection(asyncio.Protocol):
                 result = entry.handler(request)
                 if inspect.isawaitable(result):
                     result = await result
-                send(frame(Kind.LAST, stream_id, encode_payload(_to_wire(result))))
+                send(frame(Kind.LAST, stream_id, encode_payload(to_wire(result))))
         except asyncio.CancelledError:
             raise
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
@@ -192,11 +188,16 @@ class RequestPlaneServer:
         self._server: asyncio.base_events.Server | None = None
 
     def add_handler(
-        self, endpoint: str, handler: Handler, *, request_type: Any = None, streaming: bool | None = None
+        self,
+        endpoint: str,
+        handler: Handler,
+        *,
+        request_type: Any = None,
+        streaming: bool | None = None,
     ) -> None:
         if streaming is None:
             streaming = inspect.isasyncgenfunction(handler)
-        self._handlers[endpoint] = HandlerEntry(handler, request_type, streaming)
+        self._handlers[endpoint] = HandlerEntry(handler, converter_for(request_type), streaming)
 
     def remove_handler(self, endpoint: str) -> None:
         self._handlers.pop(endpoint, None)
@@ -218,9 +219,14 @@ class RequestPlaneServer:
         """Stop accepting connections and wait (bounded) for in-flight requests to finish."""
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            tasks = [t for conn in self._connections for t in conn._tasks.values()]
+            remaining = deadline - loop.time()
+            if not tasks or remaining <= 0:
+                return
+            await asyncio.wait(tasks, timeout=remaining)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -1,0 +1,3 @@
+from servegrid.cli.main import main
+
+main()

@@ -1,0 +1,53 @@
+"""From command-line arguments to a resolved graph and its merged config (no side effects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from servegrid.sdk.errors import ConfigError, GraphError
+from servegrid.sdk.graph import Graph, import_service, resolve
+from servegrid.sdk.layered_config import (
+    GRAPH_KEY,
+    check_required,
+    load_yaml,
+    merge_config,
+    parse_overrides,
+)
+
+
+@dataclass
+class LoadedGraph:
+    graph_ref: str
+    graph: Graph
+    config: dict[str, Any]
+    config_file: Path | None
+
+
+def load_graph(
+    target: str | None,
+    config_file: Path | None,
+    extra_args: list[str],
+    working_dir: Path,
+    service_name: str | None = None,
+) -> LoadedGraph:
+    yaml_config = load_yaml(config_file) if config_file is not None else {}
+    graph_ref = target or yaml_config.get(GRAPH_KEY)
+    if not graph_ref:
+        where = f"{config_file} has no '{GRAPH_KEY}:' key" if config_file else "no -f CONFIG given"
+        raise GraphError(
+            f"which graph? {where}; pass module:Class (e.g. servegrid.graphs.agg:Frontend) "
+            f"or add '{GRAPH_KEY}: module:Class' to the config"
+        )
+    if not isinstance(graph_ref, str):
+        raise ConfigError(f"{config_file}: '{GRAPH_KEY}' must be a string like module:Class")
+    graph = resolve(import_service(graph_ref, working_dir))
+    if service_name is not None and graph.get(service_name) is None:
+        raise GraphError(
+            f"--service-name {service_name}: no such service in {graph_ref} "
+            f"(services: {', '.join(graph.names())})"
+        )
+    merged = merge_config(graph, yaml_config, parse_overrides(extra_args))
+    check_required(graph, merged, only=[service_name] if service_name else None)
+    return LoadedGraph(graph_ref, graph, merged, config_file)

@@ -1,0 +1,133 @@
+"""Run a set of processes, restart the ones that crash, stop them all on request.
+
+Each child runs in its own session (so a terminal's Ctrl-C reaches only the supervisor, which
+then stops children in order) and gets SIGTERM from the kernel if the supervisor dies, so no
+child outlives it. Output lines are prefixed with the child's label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+PR_SET_PDEATHSIG = 1
+BACKOFF_START = 0.5
+BACKOFF_MAX = 15.0
+HEALTHY_AFTER = 30.0  # a run this long resets the backoff
+COLORS = ["36", "32", "35", "33", "34", "91", "92", "95", "96", "93"]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ProcessSpec:
+    label: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+@dataclass
+class _Child:
+    spec: ProcessSpec
+    color: str
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, specs: list[ProcessSpec], *, grace: float = 15.0) -> None:
+        self._children = [_Child(s, COLORS[i % len(COLORS)]) for i, s in enumerate(specs)]
+        self._grace = grace
+        self._stopping = asyncio.Event()
+        self._use_color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def _emit(self, child: _Child, line: str) -> None:
+        label = f"[{child.spec.label}]"
+        if self._use_color:
+            label = f"\x1b[{child.color}m{label}\x1b[0m"
+        sys.stdout.write(f"{label} {line}\n")
+        sys.stdout.flush()
+
+    def note(self, message: str) -> None:
+        sys.stdout.write(f"[servegrid] {message}\n")
+        sys.stdout.flush()
+
+    async def _pump(self, child: _Child, stream: asyncio.StreamReader) -> None:
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            self._emit(child, line.decode(errors="replace").rstrip("\n"))
+
+    async def _run_child(self, child: _Child) -> None:
+        backoff = BACKOFF_START
+        env = {**os.environ, **child.spec.env}
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            child.proc = await asyncio.create_subprocess_exec(
+                *child.spec.argv,
+                env=env,
+                cwd=child.spec.cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            assert child.proc.stdout is not None
+            pump = asyncio.create_task(self._pump(child, child.proc.stdout))
+            code = await child.proc.wait()
+            await pump
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > HEALTHY_AFTER:
+                backoff = BACKOFF_START
+            reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            child.restarts += 1
+            who = f"{child.spec.label} (pid {child.proc.pid})"
+            self.note(f"{who} died with {reason}; restarting in {backoff:.1f}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def run(self) -> None:
+        """Run until ``stop()``; then terminate every child and wait for it."""
+        tasks = [asyncio.create_task(self._run_child(c)) for c in self._children]
+        await self._stopping.wait()
+        await self._terminate_all()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children if c.proc and c.proc.returncode is None]
+
+    async def _terminate_all(self) -> None:
+        live = [c for c in self._children if c.proc is not None and c.proc.returncode is None]
+        for child in live:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        waits = [c.proc.wait() for c in live]  # type: ignore[union-attr]
+        _done, pending = await asyncio.wait(
+            [asyncio.ensure_future(w) for w in waits], timeout=self._grace
+        )
+        if pending:
+            for child in live:
+                if child.proc.returncode is None:  # type: ignore[union-attr]
+                    self.note(f"{child.spec.label} did not stop in {self._grace:.0f}s; killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            await asyncio.gather(*pending, return_exceptions=True)

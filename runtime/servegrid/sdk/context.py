@@ -1,0 +1,30 @@
+"""The per-process context the hosting runner fills in: the runtime and co-located services.
+
+``servegrid_context["runtime"]`` is the process's DistributedRuntime, for services that want
+the low-level API (``runtime.namespace(ns).component(name).endpoint(ep).client()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceContext(dict):
+    """A dict (seed-compatible) with typed accessors for what the runner puts in it."""
+
+    @property
+    def runtime(self) -> Any:
+        runtime = self.get("runtime")
+        if runtime is None:
+            raise RuntimeError(
+                "no servegrid runtime in this process: services run under `servegrid serve`"
+            )
+        return runtime
+
+    @property
+    def local_services(self) -> dict[str, Any]:
+        """Instances of services hosted in this very process, by service name."""
+        return self.setdefault("local_services", {})
+
+
+servegrid_context = ServiceContext()
