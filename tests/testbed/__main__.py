@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from . import base as base_image
 from .config import TestbedConfig
-from .core import Testbed
+from .core import NodeStatus, Testbed
 from .system import TestbedError
 
 # debootstrap prints one line per package per phase; show those only as the spinner text.
@@ -42,6 +43,15 @@ class _Progress:
             self.status.stop()
 
 
+def _status_json(cfg: TestbedConfig, rows: list[NodeStatus]) -> dict:
+    return {
+        "nodes": [{"name": r.name, "ip": r.ip, "state": r.state, "pid": r.pid} for r in rows],
+        "user": "root",
+        "key": str(cfg.key_path),
+        "inventory": str(cfg.inventory_path),
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tests.testbed",
@@ -54,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--inventory", type=Path, help="also write the inventory to this path")
     up.add_argument("--wheelhouse", type=Path, help="directory bound read-only at /opt/wheelhouse")
     sub.add_parser("down", help="remove every node, mount, namespace, link and state file")
-    sub.add_parser("status", help="list nodes, IPs and state")
+    st = sub.add_parser("status", help="list nodes, IPs and state")
+    st.add_argument("--json", action="store_true", help="machine-readable (for playbooks)")
     sub.add_parser("base", help="build the cached base image (if needed) and print its path")
     for name, text in (
         ("stop", "kill a node hard (SIGKILL of its nspawn)"),
@@ -93,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             progress.close()
             rows = bed.status()
+            if args.json:
+                print(json.dumps(_status_json(cfg, rows)))
+                return 0
             if not rows:
                 print(f"no nodes (state dir {cfg.state_dir})")
             for row in rows:
