@@ -118,7 +118,10 @@ class MockerEngine(Engine):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dead: str | None = None
-        self.steps = 0  # scheduler steps run, for tests and benchmarks
+        # For tests and benchmarks: steps run, and the widest step seen.
+        self.steps = 0
+        self.max_step_seqs = 0
+        self.max_step_tokens = 0
 
     # -- Engine interface ------------------------------------------------------------
 
@@ -153,14 +156,15 @@ class MockerEngine(Engine):
         first = True
         try:
             while True:
-                if seq.out or seq.finish is not None:
+                finish = seq.finish
+                if seq.out or finish is not None:
                     out, seq.out = seq.out, []
                     if first:
                         first = False
-                        yield EngineOutput(out, seq.finish, max(seq.cached_tokens, 0))
+                        yield EngineOutput(out, finish, max(seq.cached_tokens, 0))
                     else:
-                        yield EngineOutput(out, seq.finish)
-                    if seq.finish is not None:
+                        yield EngineOutput(out, finish)
+                    if finish is not None:
                         return
                     continue
                 fut = seq.waiter = loop.create_future()
@@ -343,6 +347,11 @@ class MockerEngine(Engine):
             budget -= n
             context += computed
             prefill += n
+        used = cfg.max_num_batched_tokens - budget
+        if used > self.max_step_tokens:
+            self.max_step_tokens = used
+        if len(scheduled) > self.max_step_seqs:
+            self.max_step_seqs = len(scheduled)
         return scheduled, prefill, decode, context
 
     def _preempt(self, seq: _Seq) -> None:
