@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from servegrid.http.errors import OpenAIHttpError, RequestTooLargeError, error_body
+from servegrid.http.errors import (
+    INTERNAL_ERROR_MESSAGE,
+    InvalidRequestError,
+    OpenAIHttpError,
+    RequestTooLargeError,
+    error_body,
+)
 
 if TYPE_CHECKING:
     from servegrid.http.server import OpenAIHttpServer
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Parsed requests waiting behind the one being served before we stop reading the socket.
 MAX_PIPELINED = 16
+# Streamed bytes held for one coalesced write before writing anyway.
+COALESCE_LIMIT = 64 * 1024
 
 _REASONS = {
     100: "Continue",
@@ -122,11 +130,11 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._reading_paused = False
         self._stop_reading = False  # after a malformed request: answer what we have, then close
-        self._eof = False
         self._stopping = False  # server shutdown: close once the current response is done
         self._closing = False  # we decided to close; nothing more is served
         # Writing state.
         self._out: list[bytes] = []
+        self._out_size = 0  # bytes of streamed pieces waiting in _out
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
@@ -161,13 +169,12 @@ class HttpConnection(asyncio.Protocol):
                     )
                 )
             else:
-                self._reject(OpenAIHttpError(f"Malformed HTTP request: {exc}."))
+                self._reject(InvalidRequestError(f"Malformed HTTP request: {exc}."))
         self._pump()
 
     def eof_received(self) -> bool | None:
-        self._eof = True
-        if self._current is not None or self._queue:
-            return True  # half-closed: finish the answers it is still waiting for
+        # A client that stops sending has in practice gone away (HTTP clients do not half-close
+        # and wait): treat it as a disconnect, so an abandoned generation stops at once.
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -269,7 +276,7 @@ class HttpConnection(asyncio.Protocol):
                 log.exception("HTTP handler failed before answering")
                 work = None
                 if self._current is request and not self._out:
-                    self.send_error(OpenAIHttpError("internal error"))
+                    self.send_error(OpenAIHttpError(INTERNAL_ERROR_MESSAGE))
             if work is None:
                 self._finish()
                 continue
@@ -281,7 +288,7 @@ class HttpConnection(asyncio.Protocol):
             self._transport.resume_reading()
         if self._current is None and not self._queue and not self._closing:
             self.idle_since = time.monotonic()
-            if self._eof or self._stopping:
+            if self._stopping:
                 self._close()
 
     def _task_done(self, task: asyncio.Task) -> None:
@@ -372,7 +379,10 @@ class HttpConnection(asyncio.Protocol):
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         self._out.append(data)
-        if not self._flush_scheduled:
+        self._out_size += len(data)
+        if self._out_size >= COALESCE_LIMIT:
+            self._flush()  # a generator that never yields to the loop must still hit backpressure
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -403,6 +413,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._out_size = 0
         out = self._out
         if not out:
             return
