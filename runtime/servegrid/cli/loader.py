@@ -30,7 +30,7 @@ def load_graph(
     config_file: Path | None,
     extra_args: list[str],
     working_dir: Path,
-    service_name: str | None = None,
+    service_names: list[str] | None = None,
 ) -> LoadedGraph:
     yaml_config = load_yaml(config_file) if config_file is not None else {}
     graph_ref = target or yaml_config.get(GRAPH_KEY)
@@ -43,11 +43,12 @@ def load_graph(
     if not isinstance(graph_ref, str):
         raise ConfigError(f"{config_file}: '{GRAPH_KEY}' must be a string like module:Class")
     graph = resolve(import_service(graph_ref, working_dir))
-    if service_name is not None and graph.get(service_name) is None:
-        raise GraphError(
-            f"--service-name {service_name}: no such service in {graph_ref} "
-            f"(services: {', '.join(graph.names())})"
-        )
+    for name in service_names or []:
+        if graph.get(name) is None:
+            raise GraphError(
+                f"--service-name {name}: no such service in {graph_ref} "
+                f"(services: {', '.join(graph.names())})"
+            )
     merged = merge_config(graph, yaml_config, parse_overrides(extra_args))
-    check_required(graph, merged, only=[service_name] if service_name else None)
+    check_required(graph, merged, only=service_names)
     return LoadedGraph(graph_ref, graph, merged, config_file)

@@ -62,11 +62,12 @@ def serve(
     workdir = (working_dir or Path.cwd()).resolve()
     try:
         target, extra = _split_target(target, list(ctx.args))
-        loaded = load_graph(target, config_file, extra, workdir, service_name)
+        names = [n for n in service_name.split(",") if n] if service_name else None
+        loaded = load_graph(target, config_file, extra, workdir, names)
         if dry_run:
             print_dry_run(loaded)
             return
-        run_serve(loaded, service_name, workdir)
+        run_serve(loaded, names, workdir)
     except UserError as exc:
         _fail(str(exc))
 

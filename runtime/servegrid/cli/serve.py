@@ -13,6 +13,7 @@ from pathlib import Path
 from servegrid.cli.loader import LoadedGraph
 from servegrid.cli.supervisor import ProcessSpec, Supervisor
 from servegrid.distributed import env
+from servegrid.sdk.errors import ConfigError
 from servegrid.sdk.layered_config import effective_service_args
 
 
@@ -28,28 +29,51 @@ def print_dry_run(loaded: LoadedGraph) -> None:
     print(f"{env.SERVEGRID_SERVICE_CONFIG}={config_env_value(loaded.config)}")
 
 
+def process_groups(
+    loaded: LoadedGraph, service_names: list[str] | None
+) -> list[tuple[list[str], int]]:
+    """Which services share a process, and how many copies of it run.
+
+    Services whose ``ServiceArgs.process`` names the same group run in one process (their
+    ``depends`` calls become plain calls); each other service gets processes of its own.
+    """
+    graph = loaded.graph
+    services = [graph.get(n) for n in service_names] if service_names else graph.services
+    groups: dict[str, list[str]] = {}
+    workers: dict[str, int] = {}
+    for spec in services:
+        assert spec is not None
+        args = effective_service_args(spec, loaded.config)
+        group = str(args.get("process") or spec.name)
+        groups.setdefault(group, []).append(spec.name)
+        if group in workers and workers[group] != args["workers"]:
+            raise ConfigError(
+                f"services {', '.join(groups[group])} share process {group!r} but ask for "
+                f"different worker counts; give them the same ServiceArgs.workers"
+            )
+        workers[group] = args["workers"]
+    return [(names, workers[group]) for group, names in groups.items()]
+
+
 def process_specs(
-    loaded: LoadedGraph, service_name: str | None, working_dir: Path
+    loaded: LoadedGraph, service_names: list[str] | None, working_dir: Path
 ) -> list[ProcessSpec]:
-    services = [loaded.graph.get(service_name)] if service_name else loaded.graph.services
-    specs: list[ProcessSpec] = []
     base_env = {
         env.SERVEGRID_SERVICE_CONFIG: config_env_value(loaded.config),
         env.SERVEGRID_GRAPH: loaded.graph_ref,
         "SERVEGRID_WORKING_DIR": str(working_dir),
         "PYTHONUNBUFFERED": "1",
     }
-    for spec in services:
-        assert spec is not None
-        workers = effective_service_args(spec, loaded.config)["workers"]
+    specs: list[ProcessSpec] = []
+    for names, workers in process_groups(loaded, service_names):
         for index in range(workers):
             specs.append(
                 ProcessSpec(
-                    label=f"{spec.name}:{index}",
+                    label=f"{'+'.join(names)}:{index}",
                     argv=[sys.executable, "-m", "servegrid.sdk.host"],
                     env={
                         **base_env,
-                        env.SERVEGRID_SERVICES: spec.name,
+                        env.SERVEGRID_SERVICES: ",".join(names),
                         env.SERVEGRID_WORKER_INDEX: str(index),
                     },
                     cwd=str(working_dir),
@@ -77,6 +101,6 @@ async def _serve(specs: list[ProcessSpec]) -> None:
         supervisor.note("all processes stopped")
 
 
-def run_serve(loaded: LoadedGraph, service_name: str | None, working_dir: Path) -> None:
-    specs = process_specs(loaded, service_name, working_dir)
+def run_serve(loaded: LoadedGraph, service_names: list[str] | None, working_dir: Path) -> None:
+    specs = process_specs(loaded, service_names, working_dir)
     asyncio.run(_serve(specs))

@@ -1,1 +1,1 @@
-
+"""The LLM serving components, as SDK services: Frontend, Processor, Router, Worker."""

@@ -39,6 +39,16 @@ class HostedService:
         self.instance_id = secrets.randbits(63)
 
 
+def _metadata(instance: Any) -> dict[str, Any]:
+    """What discovery stores with each endpoint: pid and worker, plus the service's own
+    ``instance_metadata()`` (e.g. the model a worker serves)."""
+    metadata: dict[str, Any] = {"pid": os.getpid(), "worker": servegrid_context["worker_index"]}
+    extra = getattr(instance, "instance_metadata", None)
+    if callable(extra):
+        metadata.update(extra())
+    return metadata
+
+
 async def _call_hooks(hosted: HostedService, names: list[str]) -> None:
     for name in names:
         await getattr(hosted.instance, name)()
@@ -69,7 +79,7 @@ async def host_services(
                     instance_id=item.instance_id,
                     request_type=ep.request_type,
                     streaming=ep.streaming,
-                    metadata={"pid": os.getpid(), "worker": servegrid_context["worker_index"]},
+                    metadata=_metadata(item.instance),
                 )
             log.info(
                 "%s ready: instance %x, endpoints [%s] on %s:%d",

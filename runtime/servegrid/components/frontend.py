@@ -1,0 +1,120 @@
+"""Frontend: the OpenAI-compatible HTTP server in front of the Processor.
+
+The served models are what registered workers announce (their ``model`` metadata in
+discovery), so ``/v1/models`` and model checks follow workers as they come and go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from servegrid.components.errors import as_client_error
+from servegrid.components.processor import Processor
+from servegrid.distributed.discovery.base import InstanceInfo, instance_prefix
+from servegrid.http.errors import ModelNotFoundError, NoWorkersError
+from servegrid.http.server import OpenAIHttpServer
+from servegrid.llm.protocol import GenerateChunk, TextRequest
+from servegrid.sdk import async_on_shutdown, async_on_start, depends, endpoint, service
+from servegrid.sdk.context import servegrid_context
+from servegrid.sdk.service import _address
+
+log = logging.getLogger(__name__)
+
+
+class ModelWatcher:
+    """Models announced by live instances of a namespace, kept current by a discovery watch."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._instances: dict[str, InstanceInfo] = {}
+        self._models: list[str] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        discovery = servegrid_context.runtime.discovery
+        prefix = instance_prefix(self.namespace)
+        while True:
+            try:
+                async for event in discovery.watch(prefix):
+                    if event.kind == "put" and event.instance is not None:
+                        if event.instance.metadata.get("model"):
+                            self._instances[event.key] = event.instance
+                    else:
+                        self._instances.pop(event.key, None)
+                    self._models = sorted({i.metadata["model"] for i in self._instances.values()})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep what we knew; discovery may be back soon
+                log.warning("model watch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    @property
+    def models(self) -> list[str]:
+        return self._models
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@service()
+class Frontend:
+    processor = depends(Processor)
+
+    def __init__(self, port: int = 8000, host: str = "0.0.0.0") -> None:
+        self.port = port
+        self.host = host
+        self.http: OpenAIHttpServer | None = None
+        self.watcher: ModelWatcher | None = None
+
+    @async_on_start
+    async def start_http(self) -> None:
+        namespace, _ = _address(type(self))
+        self.watcher = ModelWatcher(namespace)
+        self.watcher.start()
+        self.http = OpenAIHttpServer(self, self.host, self.port)
+        await self.http.start()
+        log.info("OpenAI API on http://%s:%d/v1", self.host, self.http.port)
+
+    @async_on_shutdown
+    async def stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
+
+    # -- OpenAIBackend -----------------------------------------------------------------
+    def models(self) -> list[str]:
+        return self.watcher.models if self.watcher is not None else []
+
+    async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
+        models = self.models()
+        if request.model not in models:
+            if not models:
+                raise NoWorkersError("no worker is serving any model yet; try again shortly")
+            raise ModelNotFoundError(
+                f"model {request.model!r} is not served here (models: {', '.join(models)})"
+            )
+        stream = self.processor.generate(request)
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as exc:
+            mapped = as_client_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        finally:
+            await stream.aclose()
+
+    @endpoint()
+    async def health(self, _: None = None) -> dict:
+        return {"models": self.models(), "port": self.http.port if self.http else None}

@@ -1,0 +1,68 @@
+"""Worker: runs an engine (prefill and decode in one process: aggregated serving)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from servegrid.engines.base import Engine, EngineOutput, EngineRequest
+from servegrid.engines.registry import create_engine
+from servegrid.llm.model_init import BUILTIN_MODEL
+from servegrid.sdk import ServiceConfig, async_on_shutdown, async_on_start, endpoint, service
+from servegrid.sdk.service import spec_of
+
+log = logging.getLogger(__name__)
+
+
+@service(resources={"gpu": 1}, workers=1)
+class Worker:
+    """Serves ``generate`` (token ids in, token ids out) with the configured engine.
+
+    Every key of the service's config reaches the engine (``block-size``,
+    ``max-model-len``, ``speedup-ratio``...); the engine takes the ones it knows.
+    """
+
+    def __init__(
+        self,
+        model: str = BUILTIN_MODEL,
+        engine: str = "mocker",
+        served_model_name: str | None = None,
+    ) -> None:
+        self.model = model
+        self.engine_name = engine
+        self.served_model_name = served_model_name or model
+        settings = ServiceConfig.get_instance().settings(spec_of(type(self)).name)
+        self.engine: Engine = create_engine(engine, {**settings, "model": model})
+
+    def instance_metadata(self) -> dict:
+        """Registered with every endpoint: the frontend lists served models from this."""
+        return {"model": self.served_model_name, "engine": self.engine_name}
+
+    @async_on_start
+    async def start_engine(self) -> None:
+        await self.engine.start()
+        log.info("engine %s serving model %s", self.engine_name, self.served_model_name)
+
+    @async_on_shutdown
+    async def stop_engine(self) -> None:
+        await self.engine.stop()
+
+    @endpoint()
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        stream = self.engine.generate(request)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            await stream.aclose()  # a cancelled caller frees the sequence at once
+
+    @endpoint()
+    async def load(self, _: None = None) -> dict:
+        """The engine's load (active blocks and requests, waiting requests)."""
+        metrics = self.engine.load_metrics()
+        return {
+            "active_blocks": metrics.active_blocks,
+            "total_blocks": metrics.total_blocks,
+            "active_requests": metrics.active_requests,
+            "waiting_requests": metrics.waiting_requests,
+        }
