@@ -25,7 +25,9 @@ except ImportError:  # tokenizers < 0.21
 _REPLACEMENT = "\ufffd"
 _CONTEXT = 4  # emitted ids kept in the window for the next tokens' context
 _REBASE_AT = 24  # window length that triggers a re-base (one extra decode)
-_MAX_HELD_IDS = 8  # beyond this an undecodable tail is real garbage, not a split character
+# A character spans at most 4 byte tokens: a tail still incomplete after this many feeds
+# without progress is invalid bytes, not a split character, and is emitted as U+FFFD.
+_MAX_DIRTY_FEEDS = 4
 
 
 class _RustStream:
@@ -60,7 +62,7 @@ class _RustStream:
 class _PyStream:
     """The same contract in Python, for ``tokenizers`` without ``DecodeStream``."""
 
-    __slots__ = ("_ctx_len", "_decode", "_emitted", "_pending", "_skip", "_window")
+    __slots__ = ("_ctx_len", "_decode", "_dirty", "_emitted", "_pending", "_skip", "_window")
 
     def __init__(self, hf: Any, context: list[int], skip: bool) -> None:
         self._decode = hf.decode
@@ -69,6 +71,7 @@ class _PyStream:
         self._ctx_len = len(self._decode(context, skip_special_tokens=skip))
         self._emitted = 0  # chars emitted past the context text
         self._pending = 0  # ids in the window not yet turned into emitted text
+        self._dirty = 0  # feeds in a row that ended inside a character and emitted nothing
 
     def step(self, ids: Sequence[int]) -> str:
         window = self._window
@@ -76,9 +79,19 @@ class _PyStream:
         self._pending += len(ids)
         text = self._decode(window, skip_special_tokens=self._skip)
         start = self._ctx_len + self._emitted
-        if len(text) <= start or (text.endswith(_REPLACEMENT) and self._pending < _MAX_HELD_IDS):
+        end = len(text)
+        if text.endswith(_REPLACEMENT):
+            self._dirty += 1
+            if self._dirty < _MAX_DIRTY_FEEDS:
+                # Emit what precedes the incomplete character; its bytes may complete later.
+                end = len(text.rstrip(_REPLACEMENT))
+        if end <= start:
             return ""
-        delta = text[start:]
+        delta = text[start:end]
+        self._dirty = 0
+        if end < len(text):
+            self._emitted += len(delta)
+            return delta
         self._pending = 0
         if len(window) >= _REBASE_AT:
             del window[:-_CONTEXT]
