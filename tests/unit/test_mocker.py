@@ -214,3 +214,12 @@ async def test_stop_finishes_open_streams_with_abort():
 def test_bad_config_names_the_key(config, key):
     with pytest.raises(EngineConfigError, match=key):
         create(config)
+
+
+async def test_prefix_hit_tokens_reports_what_the_cache_holds(engine_factory):
+    engine, _ = await engine_factory(**{"block-size": 8})
+    prompt = list(range(40, 80))
+    assert engine.prefix_hit_tokens(prompt) == 0
+    await collect(engine, req("a", prompt, max_tokens=1))
+    assert engine.prefix_hit_tokens(prompt) == 32  # 39 tokens may hit: 4 full blocks
+    assert engine.prefix_hit_tokens(prompt[:20] + [1] * 20) == 16

@@ -150,6 +150,18 @@ class MockerEngine(Engine):
             waiting_requests=len(self._waiting),
         )
 
+    def prefix_hit_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens this engine's cache holds now (a worker's remote-prefill decision)."""
+        if not self.config.enable_prefix_caching:
+            return 0
+        cached = self._pool.cached
+        hits = 0
+        for h in block_hashes(token_ids[: len(token_ids) - 1], self._bs):
+            if h not in cached:
+                break
+            hits += 1
+        return hits * self._bs
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         seq = self._submit(request)
         loop = asyncio.get_running_loop()
