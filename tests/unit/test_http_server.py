@@ -329,3 +329,17 @@ async def test_stop_aborts_requests_that_outlive_the_timeout(frontend):
         assert server.connection_count == 0
     finally:
         writer.close()
+
+
+async def test_idle_keepalive_connections_are_closed_after_the_timeout(frontend):
+    server = OpenAIHttpServer(frontend, "127.0.0.1", 0, keepalive_timeout_s=0.2)
+    await server.start()
+    reader, writer = await connect(server)
+    try:
+        writer.write(completion_request())
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        assert await closes(reader)  # the sweep runs every 0.5 s at this timeout
+        assert server.connection_count == 0
+    finally:
+        writer.close()
+        await server.stop(timeout_s=1)
