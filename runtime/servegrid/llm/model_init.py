@@ -175,7 +175,9 @@ def init_model(
         tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if directory.exists():
+        # Only --force replaces; otherwise a directory that appeared meanwhile is another
+        # process's identical model, and deleting it would pull it from under its readers.
+        if force and directory.exists():
             shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
         try:
             tmp.rename(directory)
