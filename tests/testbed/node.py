@@ -96,6 +96,16 @@ class Node:
             return pid
         return None
 
+    def process_exists(self) -> bool:
+        """Whether the recorded nspawn PID is alive, without the cmdline check of pid().
+
+        Right after start, /proc/PID/cmdline has been seen not yet to match for an instant.
+        """
+        try:
+            return pid_alive(int(self.pid_path.read_text()))
+        except (OSError, ValueError):
+            return False
+
     def start(self, netns: str) -> int:
         if (pid := self.pid()) is not None:
             return pid
@@ -204,7 +214,7 @@ def wait_ready(nodes: list[Node], timeout: float) -> None:
     pending = list(nodes)
     while pending:
         for node in list(pending):
-            if node.pid() is None:
+            if not node.process_exists():
                 raise TestbedError(
                     f"{node.name}: systemd-nspawn exited during boot; console "
                     f"({node.log_path}):\n{node.console_tail()}"

@@ -1,0 +1,42 @@
+"""Fixtures for cluster tests: real systemd-nspawn test nodes (tests/testbed), reached over SSH.
+
+`testbed_nodes` (session scope) brings up SERVEGRID_TESTBED_NODES nodes (default 3) once for the
+whole session and tears them down at its end, failed or not. Without root or the testbed's
+Debian packages the tests skip with the reason, or fail when SERVEGRID_REQUIRE_TESTBED=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cluster_helpers import require_testbed, run_ansible  # also puts the repo root on sys.path
+from tests.testbed import Testbed, TestbedConfig, UpResult
+
+
+@dataclass(frozen=True)
+class Cluster:
+    testbed: Testbed
+    up: UpResult
+
+    @property
+    def inventory(self) -> Path:
+        return self.up.inventory
+
+    def ansible(self, pattern: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_ansible(self.inventory, pattern, *args)
+
+
+@pytest.fixture(scope="session")
+def testbed_nodes() -> Iterator[Cluster]:
+    require_testbed()
+    bed = Testbed(TestbedConfig.from_env())
+    count = int(os.environ.get("SERVEGRID_TESTBED_NODES", "3"))
+    try:
+        yield Cluster(bed, bed.up(count))
+    finally:
+        bed.down()
