@@ -62,6 +62,8 @@ class NatsConnection:
         self.jetstream = client.jetstream()
         self._connected = asyncio.Event()
         self._connected.set()
+        self._reconnected = asyncio.Condition()
+        self.reconnects = 0
         self.closing = False
 
     @property
@@ -71,6 +73,21 @@ class NatsConnection:
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the connection is up (again); ``TimeoutError`` after ``timeout``."""
         await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def wait_reconnects(self, count: int, timeout: float) -> None:
+        """Wait until the connection has been restored ``count`` times in all."""
+
+        async def until() -> None:
+            async with self._reconnected:
+                await self._reconnected.wait_for(lambda: self.reconnects >= count)
+
+        await asyncio.wait_for(until(), timeout)
+
+    async def _on_reconnected(self) -> None:
+        self._connected.set()
+        async with self._reconnected:
+            self.reconnects += 1
+            self._reconnected.notify_all()
 
     def event_plane(self) -> NatsEventPlane:
         return NatsEventPlane(self)
@@ -82,8 +99,11 @@ class NatsConnection:
         if self.client.is_closed:
             return
         self.closing = True
+        # Flush what was published, then close. Not drain(): it waits up to 30 s for every
+        # subscription's unread messages, and a work queue's pull subscription may hold an
+        # item nobody will read (it is redelivered after ack_wait).
         with contextlib.suppress(Exception):
-            await self.client.drain()
+            await self.client.flush(timeout=2)
         if not self.client.is_closed:
             await self.client.close()
 
@@ -111,7 +131,7 @@ async def connect_nats(
 
     async def on_reconnected() -> None:
         if connection is not None:
-            connection._connected.set()
+            await connection._on_reconnected()
         log.warning("NATS connection to %s restored", server)
 
     async def on_error(error: Exception) -> None:
