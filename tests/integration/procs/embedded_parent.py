@@ -8,7 +8,7 @@ from servegrid.distributed.embedded_nats import EmbeddedNats
 async def main() -> None:
     server = EmbeddedNats()
     await server.start()
-    print("NATS", server.pid, server.url, flush=True)
+    print("NATS", server.pid, server.url, server._own_dir, flush=True)
     await asyncio.Event().wait()
 
 
