@@ -171,3 +171,9 @@ def test_down_cleans_up_after_a_half_made_testbed(cfg):
     finally:
         bed.down()
     assert host_traces(cfg) == []
+
+
+def test_session_fixture_nodes_answer_ansible(testbed_nodes):
+    result = testbed_nodes.ansible("all", "-m", "ansible.builtin.ping")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count('"pong"') == len(testbed_nodes.up.nodes)

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides["wheelhouse"] = args.wheelhouse.absolute()
     progress = _Progress()
+    cfg = TestbedConfig()
     try:
         cfg = TestbedConfig.from_env(**overrides)
         bed = Testbed(cfg, progress)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TestbedError, ValueError) as exc:
         progress.close()
         print(f"error: {exc}", file=sys.stderr)
-        if args.command == "up":
+        if args.command == "up" and cfg.state_dir.exists():
             print("state is kept for inspection; `down` removes it", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
