@@ -34,7 +34,7 @@ def require_binary(name: str, *candidates: Path) -> Path:
         return Path(found)
     message = (
         f"{name} not found (looked in {', '.join(map(str, candidates)) or '-'} and PATH); "
-        "install it with scripts/integration-deps.sh"
+        "install it with scripts/setup.sh"
     )
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)

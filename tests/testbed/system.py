@@ -55,7 +55,7 @@ def preflight_problems() -> list[str]:
     missing = sorted({pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None})
     if missing:
         problems.append(
-            "missing Debian packages: " + " ".join(missing) + " (run scripts/testbed-deps.sh)"
+            "missing Debian packages: " + " ".join(missing) + " (run scripts/setup.sh)"
         )
     return problems
 

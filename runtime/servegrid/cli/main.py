@@ -90,6 +90,26 @@ def graph(
         _fail(str(exc))
 
 
+model_app = typer.Typer(help="Make and inspect local model directories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("init")
+def model_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size")] = 2048,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model")] = False,
+) -> None:
+    """Write the tiny offline chat model (tokenizer, chat template, config) to DIRECTORY."""
+    from servegrid.llm.model_init import init_model
+
+    try:
+        path = init_model(directory, vocab_size=vocab_size, force=force)
+    except (FileExistsError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"model written to {path}")
+
+
 def _register_optional_commands() -> None:
     try:
         from servegrid.cli.status import status

@@ -38,7 +38,7 @@ class Processor:
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         # With a Router linked in the graph, it decides; otherwise this picker does.
-        self.use_router = Router in [t for _, t in LINKS.dependencies(type(self))]
+        self.use_router = Router in LINKS.edges.get(type(self), [])
         self.picker = WorkerPicker(router if router in ("random", "round-robin") else "round-robin")
         self.tokenizer: Tokenizer | None = None
         self._workers = None

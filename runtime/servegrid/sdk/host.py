@@ -103,7 +103,7 @@ async def host_services(
         servegrid_context.clear()
 
 
-def _install_uvloop() -> None:
+def install_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -138,13 +138,17 @@ def _working_dir() -> Any:
     return Path(value) if value else Path.cwd()
 
 
-def main() -> None:
+def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("SERVEGRID_LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    _install_uvloop()
+
+
+def main() -> None:
+    setup_logging()
+    install_uvloop()
     try:
         asyncio.run(_main())
     except UserError as exc:

