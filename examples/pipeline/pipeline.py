@@ -8,6 +8,7 @@ endpoints, lifecycle hooks, constructor config and several workers of one servic
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -29,13 +30,18 @@ class Shouter:
 
     counter = depends(Counter)
 
-    def __init__(self, suffix: str = "!") -> None:
+    def __init__(self, suffix: str = "!", delay_first: float = 0.0) -> None:
         self.suffix = suffix
+        # Seconds to think before the first word: lets a demo (or a test) kill a worker
+        # while it holds a request that has no response yet, which the caller retries.
+        self.delay_first = delay_first
         self.pid = os.getpid()
 
     @endpoint()
     async def shout(self, text: str) -> AsyncIterator[dict]:
         words = await self.counter.count(text)
+        if self.delay_first:
+            await asyncio.sleep(self.delay_first)
         for word in text.split():
             yield {"word": word.upper() + self.suffix, "pid": self.pid, "words": words}
 

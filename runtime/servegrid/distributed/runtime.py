@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from servegrid.distributed import env
 from servegrid.distributed.backends import discovery_from_env, nats_url_from_env
@@ -25,6 +25,9 @@ from servegrid.distributed.discovery.base import Discovery, InstanceInfo, now
 from servegrid.distributed.events import EventPlane, Subscription, WorkQueue, subject_for
 from servegrid.distributed.transport.client import ConnectionPool
 from servegrid.distributed.transport.server import Handler, RequestPlaneServer
+
+if TYPE_CHECKING:
+    from servegrid.distributed.nats_plane import NatsConnection
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class DistributedRuntime:
         self.nats_url = nats_url
         self._registered: list[InstanceInfo] = []
         self._clients: dict[tuple[str, str, str], EndpointClient] = {}
-        self._nats: Any = None
+        self._nats: NatsConnection | None = None
         self._event_plane: EventPlane | None = None
         self._nats_lock = asyncio.Lock()
 
@@ -120,7 +123,8 @@ class DistributedRuntime:
         return client
 
     # -- events and queues ---------------------------------------------------------------
-    async def _nats_connection(self) -> Any:
+    async def nats_connection(self) -> NatsConnection:
+        """This process's one NATS connection, opened on first use; it reconnects by itself."""
         async with self._nats_lock:
             if self._nats is None:
                 if not self.nats_url:
@@ -133,17 +137,19 @@ class DistributedRuntime:
             return self._nats
 
     async def event_plane(self) -> EventPlane:
-        if self._event_plane is None:
+        connection = await self.nats_connection()
+        if self._event_plane is None:  # no await between test and set: one plane only
             from servegrid.distributed.nats_plane import NatsEventPlane
 
-            self._event_plane = NatsEventPlane(await self._nats_connection())
+            self._event_plane = NatsEventPlane(connection)
         return self._event_plane
 
-    async def work_queue(self, namespace: str, name: str) -> WorkQueue:
+    async def work_queue(self, namespace: str, name: str, **options: Any) -> WorkQueue:
+        """The work queue ``name`` of ``namespace``; ``options`` go to ``NatsWorkQueue``
+        (``ack_wait``: seconds a consumer may hold an item before it goes to another)."""
         from servegrid.distributed.nats_plane import NatsWorkQueue
 
-        queue = NatsWorkQueue(await self._nats_connection(), f"{namespace}_{name}")
-        return queue
+        return NatsWorkQueue(await self.nats_connection(), f"{namespace}_{name}", **options)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
@@ -178,8 +184,8 @@ class Namespace:
         plane = await self.runtime.event_plane()
         return await plane.subscribe(subject_for(self.name, subject))
 
-    async def work_queue(self, name: str) -> WorkQueue:
-        return await self.runtime.work_queue(self.name, name)
+    async def work_queue(self, name: str, **options: Any) -> WorkQueue:
+        return await self.runtime.work_queue(self.name, name, **options)
 
 
 class Component:
