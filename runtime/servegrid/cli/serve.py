@@ -13,7 +13,7 @@ from pathlib import Path
 from servegrid.cli.loader import LoadedGraph
 from servegrid.cli.supervisor import ProcessSpec, Supervisor
 from servegrid.distributed import env
-from servegrid.sdk.errors import ConfigError
+from servegrid.sdk.errors import ConfigError, UserError
 from servegrid.sdk.layered_config import effective_service_args
 
 
@@ -82,19 +82,42 @@ def process_specs(
     return specs
 
 
+async def _start_private_nats(stack: contextlib.AsyncExitStack, supervisor: Supervisor) -> str:
+    """Start this graph's own nats-server on loopback (stopped, with its store, on exit)."""
+    from servegrid.distributed.embedded_nats import (
+        EmbeddedNats,
+        NatsServerNotFoundError,
+        NatsServerStartError,
+    )
+
+    if env.cluster_mode():
+        # Every node would get its own private server and the event plane would split.
+        supervisor.note(
+            f"warning: {env.ETCD_ENDPOINTS} is set but {env.NATS_SERVER} is not; starting a "
+            f"private nats-server that only this host's services see. Set "
+            f"{env.NATS_SERVER}=nats://HOST:4222 on every node to share one."
+        )
+    try:
+        nats = await stack.enter_async_context(EmbeddedNats())
+    except (NatsServerNotFoundError, NatsServerStartError) as error:
+        raise UserError(
+            f"{env.NATS_SERVER} is not set and the private nats-server could not start: {error}"
+        ) from None
+    supervisor.note(f"private nats-server at {nats.url} (pid {nats.pid})")
+    return nats.url
+
+
 async def _serve(specs: list[ProcessSpec]) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        if not os.environ.get(env.NATS_SERVER):
-            with contextlib.suppress(ImportError):
-                from servegrid.distributed.embedded_nats import EmbeddedNats
-
-                nats = await stack.enter_async_context(EmbeddedNats())
-                for spec in specs:
-                    spec.env[env.NATS_SERVER] = nats.url
         supervisor = Supervisor(specs)
+        # Handlers first: a stop while the private server starts still removes it.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, supervisor.stop)
+        if not os.environ.get(env.NATS_SERVER):
+            url = await _start_private_nats(stack, supervisor)
+            for spec in specs:
+                spec.env[env.NATS_SERVER] = url
         labels = ", ".join(s.label for s in specs)
         supervisor.note(f"starting {len(specs)} process(es): {labels}; Ctrl-C stops them")
         await supervisor.run()

@@ -48,8 +48,10 @@ class EndpointClient:
     async def start(self) -> None:
         if self._watch_task is None:
             self._watch_task = asyncio.create_task(self._watch())
-            # The first listing arrives at once; waiting for it avoids a spurious
-            # "no instances" on the very first request.
+        if not self._synced.is_set():
+            # The first listing arrives at once; waiting for it avoids a spurious "no
+            # instances" on the first requests. Every caller waits, not only the one that
+            # started the watch: concurrent first requests would otherwise see no instances.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._synced.wait(), 2.0)
 
@@ -142,7 +144,7 @@ class EndpointClient:
     async def _pick_and_call(
         self, payload: Any, response_type: Any, round_robin: bool
     ) -> ResponseStream:
-        if self._watch_task is None:
+        if not self._synced.is_set():
             await self.start()
         last_error: Exception | None = None
         for _ in range(MAX_ATTEMPTS):
