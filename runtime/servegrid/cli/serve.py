@@ -107,7 +107,8 @@ async def _start_private_nats(stack: contextlib.AsyncExitStack, supervisor: Supe
     return nats.url
 
 
-async def _serve(specs: list[ProcessSpec]) -> None:
+async def _serve(specs: list[ProcessSpec]) -> bool:
+    """Run the processes until stopped; True if a child reported a configuration error."""
     async with contextlib.AsyncExitStack() as stack:
         supervisor = Supervisor(specs)
         # Handlers first: a stop while the private server starts still removes it.
@@ -122,8 +123,10 @@ async def _serve(specs: list[ProcessSpec]) -> None:
         supervisor.note(f"starting {len(specs)} process(es): {labels}; Ctrl-C stops them")
         await supervisor.run()
         supervisor.note("all processes stopped")
+        return supervisor.failed
 
 
 def run_serve(loaded: LoadedGraph, service_names: list[str] | None, working_dir: Path) -> None:
     specs = process_specs(loaded, service_names, working_dir)
-    asyncio.run(_serve(specs))
+    if asyncio.run(_serve(specs)):
+        raise SystemExit(2)

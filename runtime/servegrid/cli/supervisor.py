@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 PR_SET_PDEATHSIG = 1
+#: a child exiting with this status reported a configuration error: restarting cannot help
+EXIT_USER_ERROR = 2
 BACKOFF_START = 0.5
 BACKOFF_MAX = 15.0
 HEALTHY_AFTER = 30.0  # a run this long resets the backoff
@@ -49,6 +51,7 @@ class Supervisor:
         self._children = [_Child(s, COLORS[i % len(COLORS)]) for i, s in enumerate(specs)]
         self._grace = grace
         self._stopping = asyncio.Event()
+        self.failed = False  # a child reported a configuration error
         self._use_color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
     def _emit(self, child: _Child, line: str) -> None:
@@ -89,6 +92,13 @@ class Supervisor:
             code = await child.proc.wait()
             await pump
             if self._stopping.is_set():
+                return
+            if code == EXIT_USER_ERROR:
+                self.note(
+                    f"{child.spec.label} stopped on a configuration error; stopping the graph"
+                )
+                self.failed = True
+                self.stop()
                 return
             if time.monotonic() - started > HEALTHY_AFTER:
                 backoff = BACKOFF_START

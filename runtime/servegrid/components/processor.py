@@ -39,7 +39,8 @@ class Processor:
         self.default_max_tokens = default_max_tokens
         # With a Router linked in the graph, it decides; otherwise this picker does.
         self.use_router = Router in LINKS.edges.get(type(self), [])
-        self.picker = WorkerPicker(router if router in ("random", "round-robin") else "round-robin")
+        # "kv" arrives with the KV-aware router; until then it is refused, not ignored.
+        self.picker = WorkerPicker(router)
         self.tokenizer: Tokenizer | None = None
         self._workers = None
 

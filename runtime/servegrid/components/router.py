@@ -18,7 +18,10 @@ class WorkerPicker:
 
     def __init__(self, mode: str) -> None:
         if mode not in ROUTER_MODES:
-            raise ConfigError(f"router mode {mode!r} is not one of: {', '.join(ROUTER_MODES)}")
+            raise ConfigError(
+                f"router mode {mode!r} is not one of: {', '.join(ROUTER_MODES)} "
+                "(the KV-aware mode 'kv' is not built yet)"
+            )
         self.mode = mode
         self._next = 0
 
