@@ -275,3 +275,21 @@ def test_no_workers_is_503_and_unknown_routes_404(tmp_path: Path):
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "no_workers"
         assert httpx.get(f"{url}/v1/nothing", timeout=5).status_code == 404
+
+
+def test_seed_makes_output_repeatable_and_stop_cuts_it(client: openai.OpenAI):
+    def ask(**extra):
+        return client.completions.create(
+            model=BUILTIN_MODEL, prompt="The river", max_tokens=24, seed=7, **extra
+        )
+
+    first, second = ask(), ask()
+    text = first.choices[0].text
+    assert text == second.choices[0].text, "the same seed gave different outputs"
+    words = [w for w in text.split() if len(w) >= 3]
+    assert words, text
+    stop = words[len(words) // 2]
+    cut = ask(stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert stop not in cut.choices[0].text
