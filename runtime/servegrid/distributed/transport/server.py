@@ -129,27 +129,25 @@ class _ServerConnection(asyncio.Protocol):
             await waiter
 
     # -- one request -------------------------------------------------------------------
+    def _error(self, stream_id: int, code: str, message: str) -> None:
+        self._send(frame(Kind.ERROR, stream_id, encode_payload([code, message])))
+
     async def _run(self, stream_id: int, body: bytes) -> None:
         send = self._send
         try:
-            endpoint_name, payload = decode_payload(body)
-            entry = self._server._handlers.get(endpoint_name)
-            if entry is None:
-                known = ", ".join(sorted(self._server._handlers)) or "none"
-                send(
-                    frame(
-                        Kind.ERROR,
-                        stream_id,
-                        encode_payload(
-                            [
-                                "endpoint_not_found",
-                                f"no endpoint {endpoint_name!r} here (serving: {known})",
-                            ]
-                        ),
-                    )
-                )
+            try:
+                endpoint_name, payload = decode_payload(body)
+                entry = self._server._handlers.get(endpoint_name)
+                if entry is None:
+                    known = ", ".join(sorted(self._server._handlers)) or "none"
+                    message = f"no endpoint {endpoint_name!r} here (serving: {known})"
+                    self._error(stream_id, "endpoint_not_found", message)
+                    return
+                request = entry.convert(payload) if entry.convert is not None else payload
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+                # the request itself is malformed: the handler never ran
+                self._error(stream_id, "invalid_request", str(exc))
                 return
-            request = entry.convert(payload) if entry.convert is not None else payload
             if entry.streaming:
                 stream = entry.handler(request)
                 try:
@@ -167,12 +165,13 @@ class _ServerConnection(asyncio.Protocol):
                 send(frame(Kind.LAST, stream_id, encode_payload(to_wire(result))))
         except asyncio.CancelledError:
             raise
-        except (msgspec.ValidationError, ValueError, TypeError) as exc:
-            send(frame(Kind.ERROR, stream_id, encode_payload(["invalid_request", str(exc)])))
         except Exception as exc:
-            log.exception("handler for stream %d failed", stream_id)
+            # The caller maps the code back to an error class (components/errors.py): an
+            # explicit ``code`` attribute, else the exception's class name.
             code = getattr(exc, "code", None) or type(exc).__name__
-            send(frame(Kind.ERROR, stream_id, encode_payload([str(code), str(exc)])))
+            if not isinstance(exc, ValueError):  # client errors are not server faults
+                log.exception("handler for stream %d failed", stream_id)
+            self._error(stream_id, str(code), str(exc))
         finally:
             self._tasks.pop(stream_id, None)
 
