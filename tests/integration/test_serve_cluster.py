@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from servegrid.distributed.discovery.etcd import EtcdUnavailableError
 from servegrid.distributed.runtime import DistributedRuntime
 from tests.integration.pipeline_nodes import (
     LEASE_TTL,
@@ -178,6 +179,15 @@ async def test_killed_worker_is_skipped_at_once_expires_and_its_request_is_retri
         assert words == [{"word": "HELD!", "pid": replacement, "words": 1}]
 
 
+async def _identities(runtime: DistributedRuntime) -> set[tuple[str, int, int]] | None:
+    """(component, instance id, pid) of every registered instance; None while etcd (just
+    restarted) does not answer the test's own client yet."""
+    try:
+        return {(i.component, i.instance_id, i.metadata["pid"]) for i in await registered(runtime)}
+    except EtcdUnavailableError:
+        return None
+
+
 async def test_etcd_outage_of_30s_with_lost_store_keeps_requests_flowing_and_reregisters(
     cluster_env: dict[str, str], runtime: DistributedRuntime, etcd: EtcdServer
 ) -> None:
@@ -185,9 +195,7 @@ async def test_etcd_outage_of_30s_with_lost_store_keeps_requests_flowing_and_rer
         ingress = await endpoint_client(runtime, "Ingress", "handle", 1)
         await endpoint_client(runtime, "Shouter", "shout", 2)
         children = {**service_children(node_a.pid), **service_children(node_b.pid)}
-        before = {
-            (i.component, i.instance_id, i.metadata["pid"]) for i in await registered(runtime)
-        }
+        before = await _identities(runtime)
         assert {pid for *_, pid in before} == set(children.values())
 
         load = Load(ingress, callers=1, pause=0.05, max_seconds=OUTAGE + 30)
@@ -205,9 +213,7 @@ async def test_etcd_outage_of_30s_with_lost_store_keeps_requests_flowing_and_rer
             restarted_at = time.monotonic()
 
             # Every instance is registered again by the processes that were already running.
-            while {
-                (i.component, i.instance_id, i.metadata["pid"]) for i in await registered(runtime)
-            } != before:
+            while await _identities(runtime) != before:
                 assert time.monotonic() - restarted_at < 15, "instances not registered again"
                 await asyncio.sleep(0.1)
             back_after = time.monotonic() - restarted_at

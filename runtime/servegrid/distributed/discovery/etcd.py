@@ -8,7 +8,9 @@ may go away (etcd restarted, network cut) without any service restarting:
 - when etcd answers again, a lease that expired meanwhile is replaced by a new one and every
   registered entry is put again (entries registered during the outage too);
 - a watch reconnects, lists the prefix again and yields the difference to what it had reported,
-  so a watcher keeps its last-known membership during the outage and catches up afterwards.
+  so a watcher keeps its last-known membership during the outage and catches up afterwards;
+  entries missing after the outage are reported gone only if still missing one keepalive
+  interval later (etcd may have come back with an empty store, and their owners put them again).
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class EtcdDiscovery(Discovery):
         self._ttl = env.lease_ttl() if ttl is None else float(ttl)
         self._lease_seconds = max(MIN_LEASE_SECONDS, math.ceil(self._ttl))
         self._keepalive_interval = self._ttl / 3
+        # How long after an outage a watcher waits for owners to register again (owners with
+        # the same TTL retry at least this often) before it reports their entries gone.
+        self._resync_grace = self._keepalive_interval + RETRY_MAX
         self._op_timeout = op_timeout
 
         self._client: aetcd.Client | None = None
@@ -305,6 +310,12 @@ class EtcdDiscovery(Discovery):
             generation = -1
             try:
                 current, revision = await self._listing(prefix)
+                if reported_outage and any(key not in current for key in known):
+                    # After an outage a missing entry is not yet a dead instance: etcd may have
+                    # come back with an empty store, and live owners put their entries again
+                    # at their next keepalive. Keep reporting them until then, and look again.
+                    await asyncio.sleep(self._resync_grace)
+                    current, revision = await self._listing(prefix)
                 for key in [key for key in known if key not in current]:
                     del known[key]
                     yield DiscoveryEvent("delete", key, None)
