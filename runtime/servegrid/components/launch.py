@@ -10,14 +10,11 @@ config or a flag. A few flags have launch-style aliases, listed in ``ALIASES``.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
 from typing import Any
 
 from servegrid.sdk.config import SERVICE_ARGS, ServiceConfig
 from servegrid.sdk.errors import UserError
-from servegrid.sdk.host import host_services, install_uvloop, setup_logging
+from servegrid.sdk.host import host_until_signal, run_main
 from servegrid.sdk.layered_config import _parse_value
 from servegrid.sdk.service import spec_of
 
@@ -59,27 +56,12 @@ def build_config(service_classes: list[type], settings: dict[str, Any]) -> dict[
 
 def launch(service_classes: list[type], argv: list[str], usage: str) -> None:
     """Run ``service_classes`` in this process with config from ``argv`` until SIGTERM."""
-    setup_logging()
     if any(a in ("-h", "--help") for a in argv):
         print(usage)
         return
-    try:
-        config = ServiceConfig.set_instance(build_config(service_classes, parse_flags(argv)))
-        specs = [spec_of(cls) for cls in service_classes]
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await host_services(specs, config, stop)
+        config = ServiceConfig.set_instance(build_config(service_classes, parse_flags(argv)))
+        await host_until_signal([spec_of(cls) for cls in service_classes], config)
 
-    install_uvloop()
-    try:
-        asyncio.run(main())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from servegrid.distributed import env
@@ -124,11 +125,7 @@ async def _main() -> None:
                 f"service {name!r} is not in graph {graph_ref} ({', '.join(graph.names())})"
             )
         specs.append(spec)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await host_services(specs, config, stop)
+    await host_until_signal(specs, config)
 
 
 def _working_dir() -> Any:
@@ -146,14 +143,28 @@ def setup_logging() -> None:
     )
 
 
-def main() -> None:
+async def host_until_signal(specs: list[ServiceSpec], config: ServiceConfig) -> None:
+    """Host ``specs`` until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await host_services(specs, config, stop)
+
+
+def run_main(main_coroutine: Callable[[], Awaitable[None]]) -> None:
+    """Run a process's async main on uvloop; a UserError is one line on stderr, exit 2."""
     setup_logging()
     install_uvloop()
     try:
-        asyncio.run(_main())
+        asyncio.run(main_coroutine())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    run_main(_main)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from servegrid.distributed.errors import (
 )
 from servegrid.distributed.transport.codec import converter_for
 from servegrid.distributed.transport.frames import (
+    CoalescingWriter,
     FrameError,
     FrameReader,
     Kind,
@@ -110,7 +111,7 @@ class ResponseStream:
                 pass
 
 
-class Connection(asyncio.Protocol):
+class Connection(CoalescingWriter, asyncio.Protocol):
     """A client connection to one request-plane server, shared by many streams."""
 
     def __init__(self, instance_id: int, host: str, port: int) -> None:
@@ -208,18 +209,6 @@ class Connection(asyncio.Protocol):
     def _cancel(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is not None and not self.closed:
             self._send(frame(Kind.CANCEL, stream_id))
-
-    def _send(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        if self._transport is not None and out:
-            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def close(self) -> None:
         if self._transport is not None:

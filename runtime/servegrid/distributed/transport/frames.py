@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import Any
 
 import msgspec
 
@@ -44,6 +45,34 @@ decode_payload = msgspec.msgpack.Decoder().decode
 
 def frame(kind: int, stream_id: int, body: bytes = b"") -> bytes:
     return _pack_header(len(body), kind, stream_id) + body
+
+
+class CoalescingWriter:
+    """Frames sent in one event-loop iteration leave in one ``transport.write``.
+
+    Mixed into both ends of a request-plane connection: many streams share it, and a step
+    that answers many requests costs one syscall, not one per frame.
+    """
+
+    __slots__ = ()
+    _loop: Any
+    _transport: Any
+    _out: list[bytes]
+    _flush_scheduled: bool
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        transport = self._transport
+        if not out or transport is None or transport.is_closing():
+            return
+        transport.write(b"".join(out) if len(out) > 1 else out[0])
 
 
 class FrameError(Exception):

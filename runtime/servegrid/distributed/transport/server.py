@@ -19,6 +19,7 @@ import msgspec
 
 from servegrid.distributed.transport.codec import converter_for, to_wire
 from servegrid.distributed.transport.frames import (
+    CoalescingWriter,
     FrameError,
     FrameReader,
     Kind,
@@ -39,7 +40,7 @@ class HandlerEntry:
     streaming: bool
 
 
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(CoalescingWriter, asyncio.Protocol):
     __slots__ = (
         "_drain_waiters",
         "_flush_scheduled",
@@ -107,20 +108,6 @@ class _ServerConnection(asyncio.Protocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-
-    def _send(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     async def _drain(self) -> None:
         if self._paused and self._transport is not None and not self._transport.is_closing():
