@@ -19,6 +19,7 @@ from servegrid.http.server import OpenAIHttpServer
 from servegrid.llm.protocol import GenerateChunk, TextRequest
 from servegrid.sdk import async_on_shutdown, async_on_start, depends, endpoint, service
 from servegrid.sdk.context import servegrid_context
+from servegrid.sdk.errors import UserError
 from servegrid.sdk.service import _address
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class Frontend:
         self.watcher = ModelWatcher(namespace)
         self.watcher.start()
         self.http = OpenAIHttpServer(self, self.host, self.port)
-        await self.http.start()
+        try:
+            await self.http.start()
+        except OSError as exc:  # port taken, bad address: restarting will not help
+            raise UserError(f"Frontend: {exc.strerror or exc}") from exc
         log.info("OpenAI API on http://%s:%d/v1", self.host, self.http.port)
 
     @async_on_shutdown
