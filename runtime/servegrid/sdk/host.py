@@ -161,6 +161,11 @@ def run_main(main_coroutine: Callable[[], Awaitable[None]]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except ConnectionError as exc:
+        # etcd or NATS unreachable at start: transient, so exit 1 and let the supervisor
+        # (or the node's service manager) start us again with backoff.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
