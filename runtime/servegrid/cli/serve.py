@@ -8,8 +8,10 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from servegrid.cli import gpus
 from servegrid.cli.loader import LoadedGraph
 from servegrid.cli.supervisor import ProcessSpec, Supervisor
 from servegrid.distributed import env
@@ -29,9 +31,16 @@ def print_dry_run(loaded: LoadedGraph) -> None:
     print(f"{env.SERVEGRID_SERVICE_CONFIG}={config_env_value(loaded.config)}")
 
 
-def process_groups(
-    loaded: LoadedGraph, service_names: list[str] | None
-) -> list[tuple[list[str], int]]:
+@dataclass
+class ProcessGroup:
+    """Services that run together in one process, ``workers`` copies of it."""
+
+    services: list[str]
+    workers: int
+    gpus: int  # devices each copy needs (the most any of its services asks for)
+
+
+def process_groups(loaded: LoadedGraph, service_names: list[str] | None) -> list[ProcessGroup]:
     """Which services share a process, and how many copies of it run.
 
     Services whose ``ServiceArgs.process`` names the same group run in one process (their
@@ -39,20 +48,24 @@ def process_groups(
     """
     graph = loaded.graph
     services = [graph.get(n) for n in service_names] if service_names else graph.services
-    groups: dict[str, list[str]] = {}
-    workers: dict[str, int] = {}
+    groups: dict[str, ProcessGroup] = {}
     for spec in services:
         assert spec is not None
         args = effective_service_args(spec, loaded.config)
-        group = str(args.get("process") or spec.name)
-        groups.setdefault(group, []).append(spec.name)
-        if group in workers and workers[group] != args["workers"]:
+        name = str(args.get("process") or spec.name)
+        gpus = int((args.get("resources") or {}).get("gpu") or 0)
+        group = groups.get(name)
+        if group is None:
+            groups[name] = ProcessGroup([spec.name], args["workers"], gpus)
+            continue
+        group.services.append(spec.name)
+        if group.workers != args["workers"]:
             raise ConfigError(
-                f"services {', '.join(groups[group])} share process {group!r} but ask for "
+                f"services {', '.join(group.services)} share process {name!r} but ask for "
                 f"different worker counts; give them the same ServiceArgs.workers"
             )
-        workers[group] = args["workers"]
-    return [(names, workers[group]) for group, names in groups.items()]
+        group.gpus = max(group.gpus, gpus)
+    return list(groups.values())
 
 
 def process_specs(
@@ -65,20 +78,30 @@ def process_specs(
         "PYTHONUNBUFFERED": "1",
     }
     specs: list[ProcessSpec] = []
-    for names, workers in process_groups(loaded, service_names):
-        for index in range(workers):
+    gpu_requests: list[tuple[str, int]] = []
+    for group in process_groups(loaded, service_names):
+        for index in range(group.workers):
+            label = f"{'+'.join(group.services)}:{index}"
+            gpu_requests.append((label, group.gpus))
             specs.append(
                 ProcessSpec(
-                    label=f"{'+'.join(names)}:{index}",
+                    label=label,
                     argv=[sys.executable, "-m", "servegrid.sdk.host"],
                     env={
                         **base_env,
-                        env.SERVEGRID_SERVICES: ",".join(names),
+                        env.SERVEGRID_SERVICES: ",".join(group.services),
                         env.SERVEGRID_WORKER_INDEX: str(index),
                     },
                     cwd=str(working_dir),
                 )
             )
+    if not gpus.user_chose_devices():
+        devices, warnings = gpus.allocate(gpu_requests, gpus.detect_gpu_count())
+        for warning in warnings:
+            print(f"[servegrid] warning: {warning}", file=sys.stderr)
+        for spec in specs:
+            if spec.label in devices:
+                spec.env[gpus.CUDA_VISIBLE_DEVICES] = devices[spec.label]
     return specs
 
 

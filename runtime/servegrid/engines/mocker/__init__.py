@@ -28,7 +28,10 @@ def create(config: Mapping[str, Any]) -> MockerEngine:
 
         tokenizer = load_tokenizer(ensure_model(cfg.model))
         vocab_size = tokenizer.vocab_size
-        special = tokenizer.special_ids
+        # Leave out special ids and byte-level pieces of a split character (they decode to
+        # U+FFFD alone), so made-up text reads as words: one decode per id, once.
+        partial = {i for i in range(vocab_size) if "\ufffd" in tokenizer.decode([i])}
+        special = tokenizer.special_ids | partial
     if cfg.vocab_size is not None:
         vocab_size = cfg.vocab_size
     return MockerEngine(cfg, vocab_size=vocab_size, special_ids=special)
