@@ -13,6 +13,10 @@ DEFAULT_VOCAB_SIZE = 2048
 __all__ = ["EngineDeadError", "MockerConfig", "MockerEngine", "create"]
 
 
+def _readable(text: str) -> bool:
+    return bool(text) and "\ufffd" not in text and text.replace("\n", " ").isprintable()
+
+
 def create(config: Mapping[str, Any]) -> MockerEngine:
     """Build a mocker from a service config (dashed keys; keys of other parts are ignored).
 
@@ -28,10 +32,10 @@ def create(config: Mapping[str, Any]) -> MockerEngine:
 
         tokenizer = load_tokenizer(ensure_model(cfg.model))
         vocab_size = tokenizer.vocab_size
-        # Leave out special ids and byte-level pieces of a split character (they decode to
-        # U+FFFD alone), so made-up text reads as words: one decode per id, once.
-        partial = {i for i in range(vocab_size) if "\ufffd" in tokenizer.decode([i])}
-        special = tokenizer.special_ids | partial
+        # Leave out special ids, byte-level pieces of a split character (they decode to
+        # U+FFFD alone) and control characters, so made-up text reads as words.
+        unreadable = {i for i in range(vocab_size) if not _readable(tokenizer.decode([i]))}
+        special = tokenizer.special_ids | unreadable
     if cfg.vocab_size is not None:
         vocab_size = cfg.vocab_size
     return MockerEngine(cfg, vocab_size=vocab_size, special_ids=special)
