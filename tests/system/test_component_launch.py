@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from servegrid.llm.model_init import BUILTIN_MODEL
 from tests.support.procs import wait_gone
+from tests.support.serving import SERVEGRID
 from tests.system.test_openai_graph import free_port
 
 
@@ -37,13 +37,25 @@ def stop(proc: subprocess.Popen) -> str:
     return out
 
 
-def test_frontend_and_worker_from_flags_serve_a_request(tmp_path: Path):
+def test_frontend_and_worker_from_flags_serve_a_local_model_directory(tmp_path: Path):
+    """`servegrid model init DIR` makes a Hugging Face-format directory; any such directory
+    serves the same way as the built-in model."""
+    model_dir = tmp_path / "my-model"
+    made = subprocess.run(
+        [*SERVEGRID, "model", "init", str(model_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert made.returncode == 0, made.stderr
+    assert (model_dir / "tokenizer.json").is_file()
+    assert (model_dir / "tokenizer_config.json").is_file()
     env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path / "discovery")}
     port = free_port()
-    worker = start("servegrid.worker", ["--engine", "mocker", "--speedup-ratio", "100"], env)
+    model = ["--model", str(model_dir)]
+    worker = start(
+        "servegrid.worker", ["--engine", "mocker", "--speedup-ratio", "100", *model], env
+    )
     frontend = start(
         "servegrid.frontend",
-        ["--http-port", str(port), "--http-host", "127.0.0.1", "--router-mode", "random"],
+        ["--http-port", str(port), "--http-host", "127.0.0.1", "--router-mode", "random", *model],
         env,
     )
     try:
@@ -58,7 +70,9 @@ def test_frontend_and_worker_from_flags_serve_a_request(tmp_path: Path):
                 pass
             assert time.monotonic() < deadline, "frontend never became healthy"
             time.sleep(0.1)
-        body = {"model": BUILTIN_MODEL, "prompt": "Once upon a time", "max_tokens": 7}
+        served = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]]
+        assert served == [str(model_dir)]
+        body = {"model": str(model_dir), "prompt": "Once upon a time", "max_tokens": 7}
         reply = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()
         assert reply["usage"]["completion_tokens"] == 7
     finally:
@@ -77,7 +91,6 @@ def test_an_unknown_router_mode_is_a_clear_error(tmp_path: Path):
 
 
 def test_serve_stops_the_graph_when_a_service_rejects_its_config(tmp_path: Path):
-    from tests.support.serving import SERVEGRID
     from tests.system.test_openai_graph import AGG
 
     result = subprocess.run(
