@@ -94,3 +94,24 @@ async def test_no_instances_is_a_clear_error(runtimes):
     client = await caller.namespace("t").component("Nobody").endpoint("x").client()
     with pytest.raises(NoInstancesError, match="Nobody"):
         await client.round_robin(1)
+
+
+async def test_a_preferred_instance_that_is_gone_falls_back_to_another(runtimes):
+    alive, dying, caller = await runtimes(), await runtimes(), await runtimes()
+
+    async def whoami(_: None):
+        yield "alive"
+
+    await alive.namespace("t").component("W").endpoint("who").serve(whoami, instance_id=1)
+
+    async def never(_: None):
+        yield "dying"
+
+    await dying.namespace("t").component("W").endpoint("who").serve(never, instance_id=2)
+    client = await caller.namespace("t").component("W").endpoint("who").client()
+    await client.wait_for_instances(2, timeout=5)
+    await dying.server.stop()  # instance 2 is still registered but refuses connections
+
+    answers = [item async for item in client.call_with_retry(None, instance_id=2)]
+    assert answers == ["alive"]
+    assert 2 not in client.instance_ids()  # marked down at once

@@ -168,16 +168,23 @@ class EndpointClient:
     async def call_with_retry(
         self, payload: Any, response_type: Any = None, instance_id: int | None = None
     ):
-        """Stream responses; if an instance dies before its first response, retry elsewhere."""
+        """Stream responses; if an instance dies before its first response, retry elsewhere.
+
+        ``instance_id`` is the preferred instance (a router's choice); if it is gone or
+        refuses the connection, any other live instance serves the request instead.
+        """
+        preferred = instance_id
         attempts = 0
-        tried: set[int] = set()
         while True:
             attempts += 1
-            if instance_id is not None and instance_id not in tried:
-                stream = await self.direct(payload, instance_id, response_type)
+            if preferred is not None:
+                target, preferred = preferred, None
+                try:
+                    stream = await self.direct(payload, target, response_type)
+                except (InstanceUnavailableError, NoInstancesError):
+                    continue
             else:
                 stream = await self._pick_and_call(payload, response_type, round_robin=True)
-            tried.add(stream._conn.instance_id)
             try:
                 async for item in stream:
                     yield item
