@@ -54,15 +54,18 @@ def _service_children(supervisor_pid: int) -> dict[str, int]:
     return found
 
 
+async def _ready(served, runtime: DistributedRuntime):
+    """Wait until the Ingress and both Shouter workers are registered; the Ingress client."""
+    served.wait_for_output("Ingress ready", timeout=60)
+    client = await _ingress_client(runtime)
+    shouters = await runtime.namespace("pipeline").component("Shouter").endpoint("shout").client()
+    await shouters.wait_for_instances(2, timeout=30)
+    return client
+
+
 async def test_serve_runs_the_graph_uses_both_workers_and_stops_cleanly(discovery_env, runtime):
     with serve(ARGS, env=discovery_env) as served:
-        served.wait_for_output("Ingress ready", timeout=60)
-        client = await _ingress_client(runtime)
-        # both Shouter workers register before the Ingress, but wait to be sure
-        shouters = (
-            await runtime.namespace("pipeline").component("Shouter").endpoint("shout").client()
-        )
-        await shouters.wait_for_instances(2, timeout=30)
+        client = await _ready(served, runtime)
 
         replies = [await _call(client, f"request {i}") for i in range(8)]
         assert replies[0]["text"] == "HELLO! REQUEST! 0!"
@@ -83,12 +86,7 @@ async def test_serve_runs_the_graph_uses_both_workers_and_stops_cleanly(discover
 
 async def test_a_killed_worker_is_restarted_and_serves_again(discovery_env, runtime):
     with serve(ARGS, env=discovery_env) as served:
-        served.wait_for_output("Ingress ready", timeout=60)
-        client = await _ingress_client(runtime)
-        shouters = (
-            await runtime.namespace("pipeline").component("Shouter").endpoint("shout").client()
-        )
-        await shouters.wait_for_instances(2, timeout=30)
+        client = await _ready(served, runtime)
 
         victim = _service_children(served.pid)["Shouter:1"]
         os.kill(victim, signal.SIGKILL)

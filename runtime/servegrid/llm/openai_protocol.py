@@ -242,53 +242,34 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
     }
 
 
-def chat_completion(
-    request_id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: str,
-    usage: dict,
+def _completion_body(
+    request_id: str, obj: str, model: str, created: int, choice: dict, usage: dict
 ) -> bytes:
     return _encode(
         {
             "id": request_id,
-            "object": "chat.completion",
+            "object": obj,
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
+            "choices": [choice],
             "usage": usage,
         }
     )
+
+
+def chat_completion(
+    request_id: str, model: str, created: int, text: str, finish_reason: str, usage: dict
+) -> bytes:
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return _completion_body(request_id, "chat.completion", model, created, choice, usage)
 
 
 def text_completion(
-    request_id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: str,
-    usage: dict,
+    request_id: str, model: str, created: int, text: str, finish_reason: str, usage: dict
 ) -> bytes:
-    return _encode(
-        {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            ],
-            "usage": usage,
-        }
-    )
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _completion_body(request_id, "text_completion", model, created, choice, usage)
 
 
 class StreamEncoder:
