@@ -1,5 +1,7 @@
 """Internal wire types between frontend, processor, router and worker (msgspec, not pydantic).
 
+Processor → worker is ``EngineRequest`` (engines/base.py): token ids and sampling parameters.
+
 The OpenAI request models live in ``openai_protocol`` and are validated once, at the HTTP edge;
 everything behind the frontend speaks these structs.
 """
@@ -14,7 +16,6 @@ __all__ = [
     "EngineOutput",
     "EngineRequest",
     "GenerateChunk",
-    "PreprocessedRequest",
     "RouteRequest",
     "RouteResponse",
     "SamplingParams",
@@ -47,14 +48,6 @@ class GenerateChunk(msgspec.Struct, omit_defaults=True, array_like=True):
     completion_tokens: int = 0  # cumulative
     prompt_tokens: int = 0  # set on the first chunk
     cached_tokens: int = 0  # set on the first chunk
-
-
-class PreprocessedRequest(msgspec.Struct, omit_defaults=True):
-    """Processor → worker: token ids and sampling parameters."""
-
-    request_id: str
-    token_ids: list[int]
-    sampling: SamplingParams
 
 
 class RouteRequest(msgspec.Struct, omit_defaults=True):
