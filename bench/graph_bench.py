@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from loadgen import LoadConfig, LoadResult, run_load  # noqa: E402
+from servegrid.distributed.embedded_nats import free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -55,12 +55,6 @@ def tree_cpu_seconds(root: int) -> float:
             total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
         todo.extend(children.get(pid, []))
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from servegrid.distributed.embedded_nats import free_port
 from tests.support.procs import wait_gone
 from tests.support.serving import SERVEGRID
-from tests.system.test_openai_graph import free_port
 
 
 def start(module: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:

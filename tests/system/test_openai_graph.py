@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,17 +11,12 @@ import httpx
 import openai
 import pytest
 
+from servegrid.distributed.embedded_nats import free_port
 from servegrid.distributed.runtime import DistributedRuntime
 from servegrid.llm.model_init import BUILTIN_MODEL
 from tests.support.serving import REPO, ServedGraph, serve
 
 AGG = str(REPO / "configs" / "agg.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(url: str, served: ServedGraph, timeout: float = 90.0) -> None:

@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
-PR_SET_PDEATHSIG = 1
+from servegrid.distributed.embedded_nats import die_with_parent
+
 #: a child exiting with this status reported a configuration error: restarting cannot help
 EXIT_USER_ERROR = 2
 BACKOFF_START = 0.5
 BACKOFF_MAX = 15.0
 HEALTHY_AFTER = 30.0  # a run this long resets the backoff
 COLORS = ["36", "32", "35", "33", "34", "91", "92", "95", "96", "93"]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -85,7 +80,7 @@ class Supervisor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
             assert child.proc.stdout is not None
             pump = asyncio.create_task(self._pump(child, child.proc.stdout))

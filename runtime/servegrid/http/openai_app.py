@@ -71,6 +71,46 @@ class _RequestIds:
         return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{self._prefix}{next(self._counter):x}"
 
 
+class _Tally:
+    """Token counts and latency metrics of one response, fed chunk by chunk."""
+
+    __slots__ = (
+        "_last",
+        "_metrics",
+        "_received",
+        "cached_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "prompt_tokens",
+    )
+
+    def __init__(self, metrics: FrontendMetrics, received: float) -> None:
+        self._metrics = metrics
+        self._received = received
+        self._last: float | None = None
+        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, chunk: GenerateChunk) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self._metrics.ttft.observe(now - self._received)
+        else:
+            new_tokens = chunk.completion_tokens - self.completion_tokens
+            self._metrics.itl.observe((now - self._last) / max(1, new_tokens))
+        self._last = now
+        if chunk.prompt_tokens:
+            self.prompt_tokens = chunk.prompt_tokens
+            self.cached_tokens = chunk.cached_tokens
+        self.completion_tokens = chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+
+    def count_tokens(self) -> None:
+        self._metrics.output_tokens.inc((), self.completion_tokens)
+        self._metrics.input_tokens.inc((), self.prompt_tokens)
+
+
 class OpenAIApp:
     """Routes requests; one instance serves every connection of an ``OpenAIHttpServer``."""
 
@@ -220,43 +260,23 @@ class OpenAIApp:
         request_id: str,
         stream: AsyncIterator[GenerateChunk],
     ) -> int:
-        metrics = self.metrics
+        tally = _Tally(self.metrics, request.received)
         texts: list[str] = []
-        finish_reason = None
-        prompt_tokens = cached_tokens = completion_tokens = 0
-        last = None
         async for chunk in stream:
-            now = time.perf_counter()
-            if last is None:
-                metrics.ttft.observe(now - request.received)
-            else:
-                metrics.itl.observe(
-                    (now - last) / max(1, chunk.completion_tokens - completion_tokens)
-                )
-            last = now
+            tally.add(chunk)
             texts.append(chunk.text)
-            if chunk.prompt_tokens:
-                prompt_tokens = chunk.prompt_tokens
-                cached_tokens = chunk.cached_tokens
-            completion_tokens = chunk.completion_tokens
-            if chunk.finish_reason is not None:
-                finish_reason = chunk.finish_reason
         text = "".join(texts)
-        usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
+        usage = usage_dict(tally.prompt_tokens, tally.completion_tokens, tally.cached_tokens)
         created = date_cache.seconds()
+        finish_reason = tally.finish_reason or "stop"
         if kind == "chat":
-            body = chat_completion(
-                request_id, parsed.model, created, text, finish_reason or "stop", usage
-            )
+            body = chat_completion(request_id, parsed.model, created, text, finish_reason, usage)
         else:
             if parsed.echo:
                 text = parsed.prompt + text
-            body = text_completion(
-                request_id, parsed.model, created, text, finish_reason or "stop", usage
-            )
+            body = text_completion(request_id, parsed.model, created, text, finish_reason, usage)
         conn.send_response(200, body)
-        metrics.output_tokens.inc((), completion_tokens)
-        metrics.input_tokens.inc((), prompt_tokens)
+        tally.count_tokens()
         return 200
 
     async def _stream(
@@ -268,7 +288,6 @@ class OpenAIApp:
         request_id: str,
         stream: AsyncIterator[GenerateChunk],
     ) -> int:
-        metrics = self.metrics
         iterator = stream.__aiter__()
         # The status line waits for the first chunk, so that errors the backend raises before
         # generating (unknown model, no workers, prompt too long) get their proper status.
@@ -281,31 +300,17 @@ class OpenAIApp:
         )
         conn.start_stream()
         echo = kind == "completion" and parsed.echo
-        prompt_tokens = cached_tokens = completion_tokens = 0
-        finish_reason = None
-        last = None
+        tally = _Tally(self.metrics, request.received)
         chunk = first
         try:
             while chunk is not None:
-                now = time.perf_counter()
-                if last is None:
-                    metrics.ttft.observe(now - request.received)
-                else:
-                    new_tokens = chunk.completion_tokens - completion_tokens
-                    metrics.itl.observe((now - last) / max(1, new_tokens))
-                last = now
-                if chunk.prompt_tokens:
-                    prompt_tokens = chunk.prompt_tokens
-                    cached_tokens = chunk.cached_tokens
-                completion_tokens = chunk.completion_tokens
+                tally.add(chunk)
                 text = chunk.text
                 if echo:
                     text = parsed.prompt + text
                     echo = False
                 if text or chunk.finish_reason is not None or encoder.first:
                     conn.stream_write(encoder.event(text, chunk.finish_reason))
-                if chunk.finish_reason is not None:
-                    finish_reason = chunk.finish_reason
                 if conn.write_paused:
                     await conn.drain()
                 if conn.closed:
@@ -327,12 +332,15 @@ class OpenAIApp:
             conn.end_stream()
             return 500
         finally:
-            metrics.output_tokens.inc((), completion_tokens)
-            metrics.input_tokens.inc((), prompt_tokens)
-        if finish_reason is None:
+            tally.count_tokens()
+        if tally.finish_reason is None:
             conn.stream_write(encoder.event("", "stop"))
         if parsed.include_usage:
-            conn.stream_write(encoder.usage_event(prompt_tokens, completion_tokens, cached_tokens))
+            conn.stream_write(
+                encoder.usage_event(
+                    tally.prompt_tokens, tally.completion_tokens, tally.cached_tokens
+                )
+            )
         conn.stream_write(SSE_DONE)
         conn.end_stream()
         return 200
