@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 from servegrid.engines.base import Engine, EngineOutput, EngineRequest
 from servegrid.engines.registry import create_engine
+from servegrid.kv_router.protocol import KV_BLOCKS_ENDPOINT, KvSnapshot
+from servegrid.kv_router.publisher import KvPublisher, start_publisher
 from servegrid.llm.model_init import BUILTIN_MODEL
 from servegrid.sdk import ServiceConfig, async_on_shutdown, async_on_start, endpoint, service
 from servegrid.sdk.service import spec_of
@@ -33,6 +35,7 @@ class Worker:
         self.served_model_name = served_model_name or model
         settings = ServiceConfig.get_instance().settings(spec_of(type(self)).name)
         self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        self.kv_publisher: KvPublisher | None = None
 
     def instance_metadata(self) -> dict:
         """Registered with every endpoint: the frontend lists served models from this."""
@@ -41,14 +44,19 @@ class Worker:
     @async_on_start
     async def start_engine(self) -> None:
         await self.engine.start()
+        self.kv_publisher = await start_publisher(self, self.engine)
         log.info("engine %s serving model %s", self.engine_name, self.served_model_name)
 
     @async_on_shutdown
     async def stop_engine(self) -> None:
+        if self.kv_publisher is not None:
+            await self.kv_publisher.stop()
         await self.engine.stop()
 
     @endpoint()
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self.kv_publisher is not None:
+            self.kv_publisher.note_request(request.request_id)
         stream = self.engine.generate(request)
         try:
             async for output in stream:
@@ -66,3 +74,10 @@ class Worker:
             "active_requests": metrics.active_requests,
             "waiting_requests": metrics.waiting_requests,
         }
+
+    @endpoint(KV_BLOCKS_ENDPOINT)
+    async def kv_blocks(self, _: None = None) -> KvSnapshot:
+        """Every block hash the engine's cache holds (a KV router re-synchronising)."""
+        if self.kv_publisher is not None:
+            return self.kv_publisher.snapshot()
+        return KvSnapshot(0, 0, self.engine.cached_block_hashes())

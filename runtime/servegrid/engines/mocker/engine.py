@@ -150,6 +150,9 @@ class MockerEngine(Engine):
             waiting_requests=len(self._waiting),
         )
 
+    def cached_block_hashes(self) -> list[int]:
+        return list(self._pool.cached)
+
     def prefix_hit_tokens(self, token_ids: list[int]) -> int:
         """Prompt tokens this engine's cache holds now (a worker's remote-prefill decision)."""
         if not self.config.enable_prefix_caching:
