@@ -326,3 +326,27 @@ def test_publisher_numbers_batches_and_its_snapshot_matches_the_published_events
         assert [i for r in loads for i in r.received] == ["r0", "r1", "r2", "r3"]
 
     asyncio.run(run())
+
+
+def test_two_routers_fed_the_same_frames_agree_even_when_one_lost_some():
+    async def run() -> None:
+        frames = [stored(A, 1, 1, 2), stored(B, 1, 1), stored(A, 2, 3), stored(B, 2, 4)]
+
+        async def fetch(worker: int) -> KvSnapshot:  # what the workers hold after the frames
+            held = {A: [*hashes(1, 2), *hashes(3)], B: [*hashes(1), *hashes(4)]}
+            return KvSnapshot(worker, 2, held[worker])
+
+        one = KvRouter(KvRouterConfig(block_size=BS), fetch)
+        two = KvRouter(KvRouterConfig(block_size=BS), fetch)
+        for router in (one, two):
+            await router.wait_synced([A, B], 5)
+        for frame in frames:
+            one.on_events(encode(frame))
+        two.on_events(encode(frames[3]))  # two saw only the last frame: stale, dropped
+        for probe in (hashes(1, 2, 5), hashes(1, 4), hashes(3)):
+            assert one.indexer.overlaps(probe) == two.indexer.overlaps(probe)
+        assert one.indexer.overlaps(hashes(1, 2)) == {A: 2, B: 1}
+        await one.close()
+        await two.close()
+
+    asyncio.run(run())

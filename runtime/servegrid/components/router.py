@@ -69,6 +69,12 @@ class WorkerPicker:
         self._next += 1
         return instance_ids[self._next % len(instance_ids)]
 
+    def state(self) -> dict:
+        state: dict[str, Any] = {"mode": self.mode}
+        if self.kv is not None:
+            state.update(self.kv.state())
+        return state
+
     def route(self, request: RouteRequest, instance_ids: list[int]) -> RouteResponse:
         if self.kv is None:
             return RouteResponse(worker_id=self.pick(instance_ids))
@@ -102,3 +108,11 @@ class Router:
         if self._workers is None:
             self._workers = await self.worker.client("generate")
         return self.picker.route(request, self._workers.instance_ids())
+
+    @endpoint()
+    async def state(self, _: None = None) -> dict:
+        """The router's view: mode and, under ``kv``, each worker's indexed blocks and load."""
+        if self._workers is not None and self.picker.kv is not None:
+            # membership is otherwise checked per decision; a state query sees it current
+            self.picker.kv.update_members(self._workers.instance_ids())
+        return self.picker.state()

@@ -185,6 +185,23 @@ class KvRouter:
             self._retry_failed_snapshots()
             await asyncio.sleep(0.02)
 
+    def state(self) -> dict:
+        """What this router knows, per worker (hex id): indexed blocks, in step, load."""
+        workers = set(self._members) | set(self.indexer.workers())
+        return {
+            "decisions": self.decisions,
+            "use_kv_events": self.config.use_kv_events,
+            "workers": {
+                f"{w:x}": {
+                    "member": w in self._members,
+                    "blocks": self.indexer.block_count(w),
+                    "in_sync": self.sync.in_sync(w),
+                    "active_blocks": self.loads.active_blocks(w),
+                }
+                for w in sorted(workers)
+            },
+        }
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
