@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian 12 machine for servegrid: system packages, then .venv with the
-# package, its dev tools and the stacks' Pulumi SDKs (tests/stacks runs them under mocks). Safe to run again: it installs only what is missing.
+# package, its dev tools and the stacks' Pulumi SDKs (tests/stacks runs them under mocks).
+# Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
