@@ -54,7 +54,7 @@ def graph_with_workers(tmp_path: Path, workers: int, gpus: int = 8) -> str:
 
 
 def ansible_inventory_list(text: str, tmp_path: Path) -> dict:
-    path = tmp_path / "hosts.yml"
+    path = tmp_path / "hosts.ini"
     path.write_text(text)
     done = subprocess.run(
         [str(ANSIBLE_INVENTORY), "-i", str(path), "--list"],
@@ -150,8 +150,7 @@ def test_ssh_from_anywhere_only_when_the_config_says_so() -> None:
 def test_the_inventory_output_is_an_ansible_inventory_of_the_created_nodes(tmp_path: Path) -> None:
     run = run_aws()
     listed = ansible_inventory_list(run.outputs["inventory"], tmp_path)
-    for group in INVENTORY_GROUPS:
-        assert group in listed["all"]["children"], group
+    assert listed["all"]["children"] == ["ungrouped", "servegrid"]
     hosts_of = {g: sorted(listed.get(g, {}).get("hosts", [])) for g in INVENTORY_GROUPS}
     assert hosts_of["frontend"] == hosts_of["router"] == ["servegrid-head-0"]
     assert hosts_of["etcd"] == hosts_of["nats"] == ["servegrid-head-0"]
@@ -162,7 +161,12 @@ def test_the_inventory_output_is_an_ansible_inventory_of_the_created_nodes(tmp_p
     assert head["ansible_host"].startswith("198.51.100.")  # the public address
     assert head["ansible_user"] == "ubuntu"
     decode = hostvars["servegrid-decode-0"]
-    assert decode["ansible_host"] == decode["servegrid_private_ip"]
+    assert decode["ansible_host"] == decode["servegrid_service_address"]
+    assert decode["ansible_host"].startswith("10.42.")
+    # the roles advertise private addresses, also on the head node
+    assert head["etcd_address"] == head["nats_address"] == head["servegrid_service_address"]
+    assert head["etcd_address"].startswith("10.42.")
+    assert sorted(listed["servegrid"]["children"]) == sorted(INVENTORY_GROUPS)
     assert f"ProxyJump=ubuntu@{head['ansible_host']}" in decode["ansible_ssh_common_args"]
     assert decode["servegrid_service_workers"] == {"Worker": 1}
     assert decode["servegrid_efa_interfaces"] == 32
