@@ -67,9 +67,9 @@ def generate(url: str, prompt: str, request_id: str) -> dict:
 
 
 def test_agg_graph_resolves():
+    agg = ["graph", "-f", str(HELLO / "agg.yaml"), "--working-dir", str(HELLO)]
     result = subprocess.run(
-        [sys.executable, "-m", "servegrid.cli", "graph", "-f", str(HELLO / "agg.yaml")]
-        + ["--working-dir", str(HELLO)],
+        [sys.executable, "-m", "servegrid.cli", *agg],
         capture_output=True,
         text=True,
         timeout=60,
@@ -97,9 +97,7 @@ def test_bad_requests_are_answered_clearly(nodes):
     assert httpx.get(f"{url}/generate", timeout=10).status_code == 404
 
 
-def test_decode_worker_pushes_to_the_prefill_queue_and_the_prefill_worker_pulls(
-    nodes, cluster_env
-):
+def test_decode_worker_pushes_to_the_prefill_queue_and_the_prefill_worker_pulls(nodes, cluster_env):
     url, node1, node2 = nodes
     with serve([*DISAGG, "--service-name", "PrefillWorker"], env=cluster_env) as node3:
         node3.wait_for_output("PrefillWorker ready", timeout=90)

@@ -14,7 +14,7 @@ import logging
 import msgspec
 
 from components.protocol import NAMESPACE, PREFILL_DONE, PREFILL_QUEUE, PrefillJob
-from servegrid.sdk import async_on_shutdown, async_on_start, endpoint, service, servegrid_context
+from servegrid.sdk import async_on_shutdown, async_on_start, endpoint, servegrid_context, service
 
 log = logging.getLogger("hello.prefill")
 

@@ -23,7 +23,7 @@ from components.protocol import (
     GenerateRequest,
     PrefillJob,
 )
-from servegrid.sdk import async_on_start, depends, endpoint, service, servegrid_context
+from servegrid.sdk import async_on_start, depends, endpoint, servegrid_context, service
 
 log = logging.getLogger("hello.worker")
 
@@ -39,6 +39,7 @@ class DummyWorker:
         self.remote_prefill = remote_prefill
         self.prefill_timeout = prefill_timeout
         self.waiting: dict[str, asyncio.Future[None]] = {}
+        self.watcher: asyncio.Task | None = None
 
     @async_on_start
     async def start(self) -> None:
@@ -48,7 +49,7 @@ class DummyWorker:
         self.queue = await ns.work_queue(PREFILL_QUEUE)
         self.prefill_workers = await self.prefill_worker.client("status")
         self.done_events = await ns.subscribe(PREFILL_DONE)
-        asyncio.create_task(self.watch_done())
+        self.watcher = asyncio.create_task(self.watch_done())
 
     async def watch_done(self) -> None:
         async for payload in self.done_events:
