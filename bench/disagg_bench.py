@@ -1,7 +1,7 @@
 """Aggregated vs disaggregated serving on the same budget, long prompts, realistic timing.
 
     python bench/disagg_bench.py                      # both graphs, the tracked scenario
-    python bench/disagg_bench.py --requests 400 --concurrency 16 --prompt-words 3000
+    python bench/disagg_bench.py --requests 200 --concurrency 16 --prompt-words 2000
 
 Four mocker "GPUs" either way: configs/agg.yaml with 4 Workers, or configs/disagg.yaml with 2
 decode Workers + 2 PrefillWorkers. The mocker runs at speedup 1 (a ~1B model on an H100: a
@@ -212,11 +212,12 @@ def serve_and_load(kind: str, model: Path, args: argparse.Namespace) -> tuple[Re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--prompt-words", type=int, default=2000)
-    parser.add_argument("--max-tokens", type=int, default=100)
+    # The tracked scenario: ~2,100-token prompts (1,200 words), 64 tokens out, 8 at a time.
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--prompt-words", type=int, default=1200)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--graphs", default="agg,disagg")
     args = parser.parse_args()
     if not 1 <= args.requests <= 5000 or not 1 <= args.concurrency <= 256:
