@@ -54,7 +54,7 @@ def cluster_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield {
             env.NATS_SERVER: nats.url,
             env.SERVEGRID_DISCOVERY_DIR: str(tmp_path_factory.mktemp("discovery")),
-            "SERVEGRID_NAMESPACE": NAMESPACE,
+            env.SERVEGRID_NAMESPACE: NAMESPACE,
         }
     finally:
         nats.stop()
