@@ -200,9 +200,9 @@ def wait_workers(url: str, workers: int, timeout: float = 60.0) -> None:
 #   next turn's prompt starts with them when the answer re-tokenizes the same). A turn that
 #   arrives while the one it could share with is still prefilling finds nothing, as on a
 #   real worker. This is the reference the router is measured against.
-# - ``optimistic`` replays one turn at a time through plain LRU caches of the same size:
-#   nothing is pinned or in flight, so even the 32 simultaneous first turns find the system
-#   prompt; no router could reach it, it bounds from above.
+# - ``sequential`` (the earlier oracle) replays one turn at a time through plain LRU caches:
+#   nothing is pinned or in flight, so simultaneous turns find each other's blocks; its
+#   greedy placement, blind to time, can come out below the fair one.
 
 
 def token_ids(trace: list[Turn]) -> tuple[list[list[int]], list[list[int]]]:
@@ -306,7 +306,7 @@ class LruCache:
             self.blocks.popitem(last=False)
 
 
-def optimistic_oracle(
+def sequential_oracle(
     trace: list[Turn], prompts: list[list[int]], sequences: list[list[int]], workers: int,
     capacity: int, block_size: int, speedup: float, policy: str,
 ) -> tuple[float, float]:  # fmt: skip
@@ -348,7 +348,7 @@ def oracles(
             )
             for policy in ("greedy", "sticky")
         }
-        for name, replay in (("fair", fair_oracle), ("optimistic", optimistic_oracle))
+        for name, replay in (("fair", fair_oracle), ("sequential", sequential_oracle))
     }
 
 
