@@ -11,10 +11,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from pydantic import ValidationError
+
 from servegrid.components.errors import as_client_error
 from servegrid.components.processor import Processor
 from servegrid.distributed.discovery.base import InstanceInfo, instance_prefix
 from servegrid.http.errors import ModelNotFoundError, NoWorkersError
+from servegrid.http.limits import DEFAULT_LIMITS as LIMITS
+from servegrid.http.limits import HttpLimits
 from servegrid.http.server import OpenAIHttpServer
 from servegrid.llm.protocol import GenerateChunk, TextRequest
 from servegrid.sdk import async_on_shutdown, async_on_start, depends, endpoint, service
@@ -70,9 +74,39 @@ class ModelWatcher:
 class Frontend:
     processor = depends(Processor)
 
-    def __init__(self, port: int = 8000, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self,
+        port: int = 8000,
+        host: str = "0.0.0.0",
+        # The HTTP limits (servegrid/http/limits.py says what each bounds); defaults from there.
+        max_connections: int = LIMITS.max_connections,
+        keepalive_timeout_s: float = LIMITS.keepalive_timeout_s,
+        header_timeout_s: float = LIMITS.header_timeout_s,
+        body_timeout_s: float = LIMITS.body_timeout_s,
+        max_url_bytes: int = LIMITS.max_url_bytes,
+        max_header_bytes: int = LIMITS.max_header_bytes,
+        max_headers: int = LIMITS.max_headers,
+        max_body_bytes: int = LIMITS.max_body_bytes,
+    ) -> None:
         self.port = port
         self.host = host
+        try:
+            self.limits = HttpLimits(
+                max_connections=max_connections,
+                keepalive_timeout_s=keepalive_timeout_s,
+                header_timeout_s=header_timeout_s,
+                body_timeout_s=body_timeout_s,
+                max_url_bytes=max_url_bytes,
+                max_header_bytes=max_header_bytes,
+                max_headers=max_headers,
+                max_body_bytes=max_body_bytes,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise UserError(f"Frontend config: {problems}") from None
         self.http: OpenAIHttpServer | None = None
         self.watcher: ModelWatcher | None = None
 
@@ -81,7 +115,7 @@ class Frontend:
         namespace, _ = _address(type(self))
         self.watcher = ModelWatcher(namespace)
         self.watcher.start()
-        self.http = OpenAIHttpServer(self, self.host, self.port)
+        self.http = OpenAIHttpServer(self, self.host, self.port, limits=self.limits)
         try:
             await self.http.start()
         except OSError as exc:  # port taken, bad address: restarting will not help

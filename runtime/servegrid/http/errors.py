@@ -34,6 +34,12 @@ class InvalidRequestError(OpenAIHttpError):
     error_type = "invalid_request_error"
 
 
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt (plus the tokens asked for) does not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
 class ModelNotFoundError(OpenAIHttpError):
     """No worker serves the requested model."""
 
@@ -57,6 +63,30 @@ class RequestTooLargeError(OpenAIHttpError):
     status = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RequestTimeoutError(OpenAIHttpError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class UrlTooLongError(OpenAIHttpError):
+    status = 414
+    error_type = "invalid_request_error"
+    code = "url_too_long"
+
+
+class HeadersTooLargeError(OpenAIHttpError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class TooManyConnectionsError(OpenAIHttpError):
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "too_many_connections"
 
 
 class RouteNotFoundError(OpenAIHttpError):

@@ -200,10 +200,13 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         if self.closed or self._transport is None:
             raise InstanceUnavailableError(self.instance_id, "connection closed")
         stream_id = self._next_id
+        # Encode before registering: a payload that cannot be encoded raises here and must not
+        # leave a stream record behind that nobody will ever end.
+        request = frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload)))
         self._next_id = (stream_id + 1) & 0xFFFFFFFF or 1
         stream = ResponseStream(self, stream_id, response_type)
         self._streams[stream_id] = stream
-        self._send(frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload))))
+        self._send(request)
         return stream
 
     def _cancel(self, stream_id: int) -> None:
