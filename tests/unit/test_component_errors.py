@@ -9,13 +9,19 @@ from servegrid.distributed.discovery.file import FileDiscovery
 from servegrid.distributed.errors import NoInstancesError, RemoteError
 from servegrid.distributed.runtime import DistributedRuntime
 from servegrid.engines.base import PromptTooLongError
-from servegrid.http.errors import InvalidRequestError, ModelNotFoundError, NoWorkersError
+from servegrid.http.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoWorkersError,
+)
 
 
 @pytest.mark.parametrize(
     ("raised", "expected"),
     [
-        (PromptTooLongError("prompt has 9000 tokens"), InvalidRequestError),
+        (PromptTooLongError("prompt has 9000 tokens"), ContextLengthExceededError),
+        (ContextLengthExceededError("prompt has 9000 characters"), ContextLengthExceededError),
         (InvalidRequestError("bad"), InvalidRequestError),
         (ModelNotFoundError("no model m"), ModelNotFoundError),
         (NoWorkersError("none"), NoWorkersError),

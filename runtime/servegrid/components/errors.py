@@ -9,8 +9,9 @@ process or not.
 from __future__ import annotations
 
 from servegrid.distributed.errors import NoInstancesError, RemoteError
-from servegrid.engines.base import EngineRequestError
+from servegrid.engines.base import EngineRequestError, PromptTooLongError
 from servegrid.http.errors import (
+    ContextLengthExceededError,
     InvalidRequestError,
     ModelNotFoundError,
     NoWorkersError,
@@ -19,7 +20,9 @@ from servegrid.http.errors import (
 
 _BY_CODE: dict[str, type[OpenAIHttpError]] = {
     "InvalidRequestError": InvalidRequestError,
-    "PromptTooLongError": InvalidRequestError,
+    "PromptTooLongError": ContextLengthExceededError,
+    "ContextLengthExceededError": ContextLengthExceededError,
+    "context_length_exceeded": ContextLengthExceededError,
     "EngineRequestError": InvalidRequestError,
     "ModelNotFoundError": ModelNotFoundError,
     "model_not_found": ModelNotFoundError,
@@ -33,6 +36,8 @@ def as_client_error(exc: BaseException) -> BaseException:
     """The error the HTTP layer should see for ``exc`` (``exc`` itself if none fits)."""
     if isinstance(exc, OpenAIHttpError):
         return exc
+    if isinstance(exc, PromptTooLongError):
+        return ContextLengthExceededError(str(exc))
     if isinstance(exc, EngineRequestError):
         return InvalidRequestError(str(exc))
     if isinstance(exc, NoInstancesError):

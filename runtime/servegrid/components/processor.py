@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from servegrid.components.router import Router, WorkerPicker
 from servegrid.components.worker import Worker
 from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
-from servegrid.http.errors import InvalidRequestError
+from servegrid.http.errors import ContextLengthExceededError, InvalidRequestError
 from servegrid.llm.detokenizer import IncrementalDetokenizer
 from servegrid.llm.model_init import BUILTIN_MODEL, ensure_model
 from servegrid.llm.protocol import GenerateChunk, RouteRequest, TextRequest
 from servegrid.llm.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
 from servegrid.sdk import async_on_start, depends, endpoint, service
 from servegrid.sdk.graph import LINKS
+
+# Prompts longer than this (in characters) are tokenized on a thread, off the event loop.
+OFF_LOOP_CHARS = 4096
+# Threads tokenizing long prompts at once (each may hold a large encoding in memory).
+TOKENIZE_THREADS = 2
 
 
 @service()
@@ -42,28 +48,56 @@ class Processor:
         # "kv" arrives with the KV-aware router; until then it is refused, not ignored.
         self.picker = WorkerPicker(router)
         self.tokenizer: Tokenizer | None = None
+        self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
         self._workers = None
 
     @async_on_start
     async def load(self) -> None:
         directory = await asyncio.to_thread(ensure_model, self.model)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, directory)
+        _ = self.tokenizer.max_token_chars  # computed once, here rather than on a request
         self._workers = await self.worker.client("generate")
 
-    def _prompt_ids(self, request: TextRequest) -> list[int]:
+    @property
+    def max_prompt_chars(self) -> int:
+        """No prompt that fits max-model-len has more characters than this."""
+        assert self.tokenizer is not None
+        return self.max_model_len * self.tokenizer.max_token_chars
+
+    async def _prompt_ids(self, request: TextRequest) -> list[int]:
+        """Token ids of the prompt; a prompt too long to fit is refused before tokenizing."""
+        if request.kind == "chat":
+            chars = sum(len(m.get("content") or "") for m in request.messages or [])
+        else:
+            chars = len(request.prompt or "")
+        if chars > self.max_prompt_chars:
+            raise ContextLengthExceededError(
+                f"the prompt has {chars} characters; this model's max-model-len of "
+                f"{self.max_model_len} tokens holds at most {self.max_prompt_chars}: "
+                "shorten the prompt",
+                "messages" if request.kind == "chat" else "prompt",
+            )
+        if chars <= OFF_LOOP_CHARS:
+            return self._tokenize(request, False)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._tokenize, request, True)
+
+    def _tokenize(self, request: TextRequest, release_gil: bool) -> list[int]:
         tokenizer = self.tokenizer
         assert tokenizer is not None
         if request.kind == "chat":
             try:
-                return tokenizer.apply_chat_template_ids(request.messages or [])
+                return tokenizer.apply_chat_template_ids(
+                    request.messages or [], release_gil=release_gil
+                )
             except ChatTemplateError as exc:
                 raise InvalidRequestError(str(exc), "messages") from exc
-        return tokenizer.encode(request.prompt or "")
+        return tokenizer.encode(request.prompt or "", release_gil=release_gil)
 
     def _sampling(self, request: TextRequest, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
         if room < 1:
-            raise InvalidRequestError(
+            raise ContextLengthExceededError(
                 f"the prompt has {prompt_len} tokens; this model's max-model-len is "
                 f"{self.max_model_len}: shorten the prompt",
                 "messages" if request.kind == "chat" else "prompt",
@@ -72,7 +106,7 @@ class Processor:
         if max_tokens is None:
             max_tokens = min(self.default_max_tokens, room)
         elif max_tokens > room:
-            raise InvalidRequestError(
+            raise ContextLengthExceededError(
                 f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds "
                 f"max-model-len {self.max_model_len}: ask for at most {room} tokens",
                 "max_tokens",
@@ -98,7 +132,7 @@ class Processor:
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
-        prompt_ids = self._prompt_ids(request)
+        prompt_ids = await self._prompt_ids(request)
         sampling = self._sampling(request, len(prompt_ids))
         worker_id = await self._pick_worker(prompt_ids, request.request_id)
         engine_request = EngineRequest(request.request_id, prompt_ids, sampling)
