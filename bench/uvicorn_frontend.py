@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from servegrid.http.connection import JSON, SSE, Request
+from servegrid.http.limits import DEFAULT_LIMITS, HttpLimits
 from servegrid.http.metrics import FrontendMetrics
 from servegrid.http.openai_app import OpenAIApp, OpenAIBackend
 
@@ -111,6 +112,8 @@ class UvicornOpenAIServer:
         host: str = "127.0.0.1",
         port: int = 8000,
         metrics: FrontendMetrics | None = None,
+        *,
+        limits: HttpLimits = DEFAULT_LIMITS,
     ) -> None:
         self.metrics = metrics if metrics is not None else FrontendMetrics()
         self.app = OpenAIApp(backend, self.metrics)
@@ -125,6 +128,9 @@ class UvicornOpenAIServer:
             access_log=False,
             log_level="warning",
             loop="none",
+            # the two limits uvicorn has; the others have no uvicorn setting
+            timeout_keep_alive=int(limits.keepalive_timeout_s),
+            limit_concurrency=limits.max_connections,
         )
         config.load()
         self._server = uvicorn.Server(config)
