@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,23 @@ def test_every_limit_is_documented_with_its_default():
         row = re.search(rf"^\| `{key}` \| `([^`]+)` \|", doc, re.MULTILINE)
         assert row is not None, f"docs/frontend.md has no row for {key}"
         assert float(row.group(1)) == float(field.default), key
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "cap", "soft_after"),
+    [(300, 300, 150, 300), (300, 4096, 2048, 2048 + 256), (4096, 4096, 2048, 4096)],
+    ids=["hard-limit-too-low", "raised-to-fit", "already-enough"],
+)
+def test_the_connection_cap_fits_the_open_file_limit(soft, hard, cap, soft_after):
+    # In a child process: the limit is process-wide and this one must keep its own.
+    code = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        "from servegrid.http.server import fit_connection_cap\n"
+        "print(fit_connection_cap(2048), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == [str(cap), str(soft_after)]
+    assert ("serving at most 150 connections" in out.stderr) == (cap == 150)

@@ -338,7 +338,7 @@ class HttpConnection(asyncio.Protocol):
         is to give the descriptor back now)."""
         self._reject(
             TooManyConnectionsError(
-                f"The server has reached its limit of {self._limits.max_connections} "
+                f"The server has reached its limit of {self._server.max_connections} "
                 "connections; retry shortly."
             )
         )

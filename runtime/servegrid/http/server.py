@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
 
 from servegrid.http.connection import HttpConnection
@@ -28,6 +29,37 @@ from servegrid.http.openai_app import OpenAIApp, OpenAIBackend
 log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# File descriptors kept for everything but client connections (request plane, NATS, files).
+FD_RESERVE = 256
+
+
+def fit_connection_cap(wanted: int) -> int:
+    """The connection cap this process can honour: raise the open-file limit for ``wanted``
+    client connections if the hard limit allows, else lower the cap below it (and say so).
+    A cap above the limit would let accept() fail first, and then /health fails too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft >= need:
+        return wanted
+    cap = soft - FD_RESERVE if soft > 2 * FD_RESERVE else soft // 2
+    log.warning(
+        "max-connections %d needs %d open files but this process may open only %d; "
+        "serving at most %d connections (raise `ulimit -n` or LimitNOFILE= to allow more)",
+        wanted,
+        need,
+        soft,
+        cap,
+    )
+    return cap
 
 
 class OpenAIHttpServer:
@@ -46,6 +78,7 @@ class OpenAIHttpServer:
         self.metrics = metrics if metrics is not None else FrontendMetrics()
         self.app = OpenAIApp(backend, self.metrics)
         self.limits = limits
+        self.max_connections = limits.max_connections  # lowered at start() to what fits
         self._backlog = backlog
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[HttpConnection] = set()
@@ -54,6 +87,7 @@ class OpenAIHttpServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.max_connections = fit_connection_cap(self.limits.max_connections)
         try:
             self._server = await loop.create_server(
                 lambda: HttpConnection(self, self.app, self.limits),
@@ -101,7 +135,7 @@ class OpenAIHttpServer:
     # -- bookkeeping, called by connections -----------------------------------------------------
     def _connection_opened(self, conn: HttpConnection) -> bool:
         """Admit a new connection; False means it is over the cap and must be refused."""
-        if len(self._connections) >= self.limits.max_connections:
+        if len(self._connections) >= self.max_connections:
             self.metrics.refused_connections.inc()
             return False
         self._connections.add(conn)
