@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from servegrid.components.worker import Worker
-from servegrid.http.errors import NoWorkersError
+from servegrid.errors import NoWorkersError
 from servegrid.llm.protocol import RouteRequest, RouteResponse
 from servegrid.sdk import depends, endpoint, service
 from servegrid.sdk.errors import ConfigError

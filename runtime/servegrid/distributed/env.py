@@ -18,12 +18,21 @@ SERVEGRID_BIND_HOST = "SERVEGRID_BIND_HOST"
 SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
 # Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
+# The graph's namespace, set on purpose (``servegrid serve --namespace`` sets it too). Unset,
+# each embedded-mode ``servegrid serve`` gets a namespace of its own, and in cluster mode the
+# namespace is derived from the config, so nodes serving one config file join one graph.
+SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
 
 # Set by `servegrid serve` for the processes it starts.
 SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"
 SERVEGRID_GRAPH = "SERVEGRID_GRAPH"
 SERVEGRID_SERVICES = "SERVEGRID_SERVICES"
 SERVEGRID_WORKER_INDEX = "SERVEGRID_WORKER_INDEX"
+SERVEGRID_WORKING_DIR = "SERVEGRID_WORKING_DIR"
+# Where the built-in model is built (default ``~/.cache/servegrid``).
+SERVEGRID_HOME = "SERVEGRID_HOME"
+# Log level of service processes (DEBUG, INFO, WARNING...).
+SERVEGRID_LOG_LEVEL = "SERVEGRID_LOG_LEVEL"
 
 DEFAULT_LEASE_TTL = 10.0
 
@@ -53,6 +62,11 @@ def lease_ttl() -> float:
     if ttl <= 0:
         raise ValueError(f"{SERVEGRID_LEASE_TTL}={raw!r} must be positive, e.g. 10")
     return ttl
+
+
+def explicit_namespace() -> str | None:
+    """``SERVEGRID_NAMESPACE`` if set (and not blank)."""
+    return os.environ.get(SERVEGRID_NAMESPACE, "").strip() or None
 
 
 def discovery_dir() -> Path:

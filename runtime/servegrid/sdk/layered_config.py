@@ -20,7 +20,7 @@ from servegrid.sdk.service import ServiceSpec
 
 GRAPH_KEY = "graph"
 COMMON_KEY = "Common"
-SERVICE_ARG_KEYS = ("namespace", "resources", "workers")
+SERVICE_ARG_KEYS = ("namespace", "resources", "workers", "process", "drain-timeout")
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -155,6 +155,12 @@ def effective_service_args(spec: ServiceSpec, config: dict[str, Any]) -> dict[st
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(
             f"{spec.name}.{SERVICE_ARGS}.workers must be a positive integer, got {workers!r}"
+        )
+    drain = args.get("drain-timeout")
+    if not isinstance(drain, int | float) or isinstance(drain, bool) or drain < 0:
+        raise ConfigError(
+            f"{spec.name}.{SERVICE_ARGS}.drain-timeout must be seconds (a number >= 0), "
+            f"got {drain!r}"
         )
     return args
 
