@@ -303,3 +303,39 @@ def test_graph_command_prints_the_tree(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Entry" in result.stdout and "Router" in result.stdout
     assert "workers=2" in result.stdout and "gpu=1" in result.stdout
+
+
+def _dry_run_config(*args: str) -> dict:
+    result = run_cli("serve", *args, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.split("Service Configuration:\n", 1)[1]
+    return json.loads(text.split("\n\nEnvironment Variable", 1)[0])
+
+
+def test_a_common_override_reaches_every_service_that_lists_the_key():
+    agg = str(REPO / "configs" / "agg.yaml")
+    config = _dry_run_config("-f", agg, "--Common.model=/models/other")
+    assert config["Worker"]["model"] == "/models/other"
+    assert config["Processor"]["model"] == "/models/other"
+    assert "model" not in config["Frontend"]  # it does not list model
+    # A service's own override still wins over Common.
+    config = _dry_run_config("-f", agg, "--Common.model=/c", "--Worker.model=/w")
+    assert (config["Worker"]["model"], config["Processor"]["model"]) == ("/w", "/c")
+
+
+def test_a_common_override_that_would_change_nothing_is_refused():
+    result = run_cli("serve", "-f", str(REPO / "configs" / "agg.yaml"), "--Common.nope=1")
+    assert result.returncode == 2
+    assert "--Common.nope" in result.stderr and "common-configs" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_common_override_beats_a_services_yaml_value():
+    graph = resolve(Entry)
+    yaml_cfg = {
+        "Common": {"model": "yaml-common"},
+        "Leaf": {"model": "leaf-yaml", "common-configs": ["model"]},
+    }
+    assert merge_config(graph, yaml_cfg, {})["Leaf"]["model"] == "leaf-yaml"
+    merged = merge_config(graph, yaml_cfg, parse_overrides(["--Common.model=cli"]))
+    assert merged["Leaf"]["model"] == "cli"

@@ -108,15 +108,25 @@ def merge_config(
     known_services: list[str] | None = None,
 ) -> dict[str, Any]:
     """The merged per-service config. Sections for services outside the graph are kept (one
-    config file serves every node), but an override must name a service of the graph."""
+    config file serves every node), but an override must name a service of the graph.
+
+    ``--Common.key=value`` overrides the YAML's ``Common`` for every service that lists
+    ``key`` in its ``common-configs`` (unless that service's own CLI override sets ``key``);
+    one that no service lists would change nothing, so it is refused.
+    """
     names = graph.names() if graph is not None else list(known_services or [])
+    common_override = overrides.get(COMMON_KEY) or {}
     for service in overrides:
+        if service == COMMON_KEY:
+            continue
         if service not in names and service not in yaml_config:
             raise ConfigError(
                 f"override --{service}.…: service {service!r} is not in the graph "
                 f"(services: {', '.join(names)})"
             )
-    common = yaml_config.get(COMMON_KEY) or {}
+    yaml_common = yaml_config.get(COMMON_KEY) or {}
+    common = _deep_merge(yaml_common, common_override)
+    used_common: set[str] = set()
     merged: dict[str, Any] = {}
     specs = {s.name: s for s in graph.services} if graph is not None else {}
     section_names = [n for n in yaml_config if n not in (GRAPH_KEY, COMMON_KEY)]
@@ -136,13 +146,23 @@ def merge_config(
                     f"{name}.{COMMON_CONFIGS} lists {key!r}, but 'Common' has no such key "
                     f"(Common keys: {', '.join(common) or 'none'})"
                 )
-            # the service's own value (from YAML or CLI) wins over Common
-            if key not in section:
+            used_common.add(key)
+            # The service's own CLI value wins, then a CLI Common value, then the service's
+            # own YAML value, then the YAML Common value.
+            own_cli = key in (overrides.get(name) or {})
+            if not own_cli and (key in common_override or key not in section):
                 section[key] = copy.deepcopy(common[key])
         if SERVICE_ARGS in section and not isinstance(section[SERVICE_ARGS], dict):
             raise ConfigError(f"{name}.{SERVICE_ARGS} must be a mapping")
         if section or spec is not None:
             merged[name] = section
+    unused = sorted(set(common_override) - used_common)
+    if unused:
+        raise ConfigError(
+            f"override --{COMMON_KEY}.{unused[0]}: no service lists {unused[0]!r} in its "
+            f"{COMMON_CONFIGS}, so it would change nothing; add it to a service's "
+            f"{COMMON_CONFIGS}, or override the service directly (--Service.{unused[0]}=...)"
+        )
     return merged
 
 
