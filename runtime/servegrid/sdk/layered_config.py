@@ -15,6 +15,7 @@ import yaml
 
 from servegrid.sdk.config import COMMON_CONFIGS, SERVICE_ARGS
 from servegrid.sdk.errors import ConfigError
+from servegrid.sdk.flags import parse_flags
 from servegrid.sdk.graph import Graph
 from servegrid.sdk.service import ServiceSpec
 
@@ -49,13 +50,6 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     """``--Service.key=value`` (or ``--Service.key value``) → {Service: {key: value}}.
 
@@ -63,30 +57,20 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     so ``true``, ``2`` and ``[a, b]`` get their types.
     """
     overrides: dict[str, dict[str, Any]] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+    for name, value, arg in parse_flags(args, "--Service.key=value"):
+        service, *path = name.split(".")
+        if not path:
             raise ConfigError(
                 f"unexpected argument {arg!r}: overrides look like --Service.key=value"
             )
-        name, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                value, eq = "true", "="  # a bare --Service.flag means true
-            else:
-                i += 1
-                value = args[i]
-        service, *path = name.split(".")
-        if not service or not path or not all(path):
+        if not service or not all(path):
             raise ConfigError(f"bad override {arg!r}: expected --Service.key=value")
         node = overrides.setdefault(service, {})
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"bad override {arg!r}: {part!r} is not a section")
-        node[path[-1]] = _parse_value(value)
-        i += 1
+        node[path[-1]] = value
     return overrides
 
 
