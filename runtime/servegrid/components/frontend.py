@@ -127,8 +127,13 @@ class Frontend:
                 )
             raise http_error_for(error) from None
         stream = self.processor.generate(request)
+        first = True
         try:
             async for chunk in stream:
+                if first:
+                    first = False
+                    if chunk.worker_id and self.http is not None:
+                        self.http.metrics.record_route(chunk.worker_id, chunk.overlap_blocks)
                 yield chunk
         except Exception as exc:
             # This service is the HTTP edge: domain errors become HTTP errors here.

@@ -1,7 +1,7 @@
 """Processor: chat template and tokenization in, incremental detokenization out.
 
 It asks the Router for a worker when the graph links one (``...link(Router).link(Worker)``),
-else picks a worker itself (``router: random | round-robin``), and then streams from that
+else picks a worker itself (``router: random | round-robin | kv``), and then streams from that
 worker directly: tokens never pass through the router.
 
 When a worker dies mid-stream, the request migrates: the Processor knows the prompt and the
@@ -26,11 +26,12 @@ from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
 from servegrid.errors import InvalidRequestError, NoWorkersError, WorkerLostError
 from servegrid.llm.detokenizer import IncrementalDetokenizer
 from servegrid.llm.model_init import BUILTIN_MODEL, ensure_model
-from servegrid.llm.protocol import GenerateChunk, RouteRequest, TextRequest
+from servegrid.llm.protocol import GenerateChunk, RouteRequest, RouteResponse, TextRequest
 from servegrid.llm.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
-from servegrid.sdk import async_on_start, depends, endpoint, service
+from servegrid.sdk import ServiceConfig, async_on_start, depends, endpoint, service
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import ConfigError
+from servegrid.sdk.service import spec_of
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class Processor:
         self.migrations = 0  # requests moved to another worker, since start
         # With a Router in the served graph, it decides; otherwise this picker does.
         self.use_router = servegrid_context.linked(type(self), Router)
-        # "kv" arrives with the KV-aware router; until then it is refused, not ignored.
-        self.picker = WorkerPicker(router)
+        settings = ServiceConfig.get_instance().settings(spec_of(type(self)).name)
+        self.picker = WorkerPicker(router, settings, "Processor")
         self.tokenizer: Tokenizer | None = None
         self._workers = None
 
@@ -69,6 +70,8 @@ class Processor:
         directory = await asyncio.to_thread(ensure_model, self.model)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, directory)
         self._workers = await self.worker.client("generate")
+        if not self.use_router:
+            await self.picker.start(Worker)
 
     def _prompt_ids(self, request: TextRequest) -> list[int]:
         tokenizer = self.tokenizer
@@ -107,20 +110,19 @@ class Processor:
             ignore_eos=request.ignore_eos,
         )
 
-    async def _pick_worker(self, prompt_ids: list[int], request_id: str) -> int:
+    async def _pick_worker(self, prompt_ids: list[int], request_id: str) -> RouteResponse:
+        request = RouteRequest(token_ids=prompt_ids, request_id=request_id)
         if self.use_router:
-            answer = await self.router.route(
-                RouteRequest(token_ids=prompt_ids, request_id=request_id)
-            )
-            return answer.worker_id
+            return await self.router.route(request)
         assert self._workers is not None
-        return self.picker.pick(self._workers.instance_ids())
+        return self.picker.route(request, self._workers.instance_ids())
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
         prompt_ids = self._prompt_ids(request)
         sampling = self._sampling(request, len(prompt_ids))
-        worker_id = await self._pick_worker(prompt_ids, request.request_id)
+        route = await self._pick_worker(prompt_ids, request.request_id)
+        worker_id = route.worker_id
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids, stop=request.stop)
         assert self._workers is not None
         generated: list[int] = []
@@ -147,6 +149,8 @@ class Processor:
                     if first:
                         chunk.prompt_tokens = len(prompt_ids)
                         chunk.cached_tokens = output.cached_tokens
+                        chunk.worker_id = worker_id
+                        chunk.overlap_blocks = route.overlap_blocks
                         first = False
                     yield chunk
                     if finish is not None:
@@ -173,7 +177,7 @@ class Processor:
                 assert self._workers is not None
                 if not self._workers.instance_ids():
                     raise NoWorkersError("no worker left")
-                target = await self._pick_worker(tokens, request.request_id)
+                target = (await self._pick_worker(tokens, request.request_id)).worker_id
             except (NoWorkersError, NoInstancesError) as exc:
                 reason = f"no worker is left to continue it ({exc})"
             else:

@@ -18,10 +18,14 @@ SERVEGRID_BIND_HOST = "SERVEGRID_BIND_HOST"
 SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
 # Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
-# The graph's namespace, set on purpose (``servegrid serve --namespace`` sets it too). Unset,
-# each embedded-mode ``servegrid serve`` gets a namespace of its own, and in cluster mode the
-# namespace is derived from the config, so nodes serving one config file join one graph.
+# The graph's namespace, set on purpose (``servegrid serve --namespace`` too); graphs naming
+# the same one share workers. Unset, each embedded-mode ``servegrid serve`` gets one of its
+# own, and in cluster mode it is derived from the config (see cli/namespace.py).
 SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
+# The cluster secret (owner: h-plane): a file holding it (owned by the user, mode 0600 or
+# stricter), or the value itself.
+SERVEGRID_CLUSTER_SECRET_FILE = "SERVEGRID_CLUSTER_SECRET_FILE"
+SERVEGRID_CLUSTER_SECRET = "SERVEGRID_CLUSTER_SECRET"
 
 # Set by `servegrid serve` for the processes it starts.
 SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"

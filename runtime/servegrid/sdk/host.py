@@ -103,6 +103,7 @@ async def host_services(
             namespace, _ = address(spec.cls)
             instance = spec.cls(**constructor_kwargs(spec, config.settings(spec.name)))
             hosted.append(HostedService(spec, instance, namespace))
+            servegrid_context.setdefault("instance_ids", {})[spec.name] = hosted[-1].instance_id
             servegrid_context.local_services[spec.name] = instance
         for item in hosted:
             await _call_hooks(item, item.spec.on_start)
