@@ -17,6 +17,7 @@ from servegrid.llm.model_init import BUILTIN_MODEL
 from tests.support.serving import REPO, ServedGraph, serve
 
 AGG = str(REPO / "configs" / "agg.yaml")
+NAMESPACE = "openai-graph-test"
 
 
 def wait_healthy(url: str, served: ServedGraph, timeout: float = 90.0) -> None:
@@ -213,7 +214,7 @@ def test_metrics_count_each_request_and_its_tokens(graph, client):
 
 
 async def _active_requests(runtime: DistributedRuntime) -> int:
-    client = await runtime.namespace("servegrid").component("Worker").endpoint("load").client()
+    client = await runtime.namespace(NAMESPACE).component("Worker").endpoint("load").client()
     total = 0
     for instance_id in client.instance_ids():
         total += (await (await client.direct(None, instance_id)).single())["active_requests"]
@@ -224,7 +225,8 @@ async def test_client_disconnect_mid_stream_frees_the_request_in_the_worker(
     tmp_path: Path, monkeypatch
 ):
     port = free_port()
-    env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path / "discovery")}
+    # named, so that this test process can find the graph's workers
+    env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path / "discovery"), "SERVEGRID_NAMESPACE": NAMESPACE}
     monkeypatch.setenv("SERVEGRID_DISCOVERY_DIR", env["SERVEGRID_DISCOVERY_DIR"])
     # speedup 1: 100,000 tokens take minutes, far past the bounded waits below, so the request
     # can only end early because the client went away
@@ -242,9 +244,7 @@ async def test_client_disconnect_mid_stream_frees_the_request_in_the_worker(
         await asyncio.to_thread(wait_healthy, url, served)
         runtime = await DistributedRuntime.from_env()
         try:
-            loads = (
-                await runtime.namespace("servegrid").component("Worker").endpoint("load").client()
-            )
+            loads = await runtime.namespace(NAMESPACE).component("Worker").endpoint("load").client()
             await loads.wait_for_instances(2, timeout=30)
             body = {
                 "model": BUILTIN_MODEL,

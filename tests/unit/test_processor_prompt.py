@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from servegrid.components.processor import OFF_LOOP_CHARS, Processor
-from servegrid.http.errors import ContextLengthExceededError
+from servegrid.errors import ContextLengthExceededError
+from servegrid.http.errors import http_error_for
 from servegrid.llm.model_init import BUILTIN_MODEL, ensure_model
 from servegrid.llm.protocol import TextRequest
 from servegrid.llm.tokenizer import load_tokenizer
@@ -53,7 +54,8 @@ async def test_a_5mb_prompt_is_refused_by_its_length_in_characters(processor, ma
     with pytest.raises(ContextLengthExceededError) as info:
         await processor._prompt_ids(request)
     error = info.value
-    assert (error.status, error.code, error.param) == (400, "context_length_exceeded", param)
+    assert (error.code, error.param) == ("context_length_exceeded", param)
+    assert http_error_for(error).status == 400
     # Counted in characters: the prompt was never tokenized.
     assert f"the prompt has {chars} characters" in error.message
     assert f"max-model-len of {MAX_MODEL_LEN} tokens" in error.message

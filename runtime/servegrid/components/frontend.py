@@ -13,18 +13,25 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from servegrid.components.errors import as_client_error
 from servegrid.components.processor import Processor
 from servegrid.distributed.discovery.base import InstanceInfo, instance_prefix
-from servegrid.http.errors import ModelNotFoundError, NoWorkersError
+from servegrid.distributed.retry import Backoff
+from servegrid.errors import ModelNotFoundError, NoWorkersError
+from servegrid.http.errors import http_error_for
 from servegrid.http.limits import DEFAULT_LIMITS as LIMITS
 from servegrid.http.limits import HttpLimits
 from servegrid.http.server import OpenAIHttpServer
 from servegrid.llm.protocol import GenerateChunk, TextRequest
-from servegrid.sdk import async_on_shutdown, async_on_start, depends, endpoint, service
+from servegrid.sdk import (
+    async_on_drain,
+    async_on_shutdown,
+    async_on_start,
+    depends,
+    endpoint,
+    service,
+)
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import UserError
-from servegrid.sdk.service import _address
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +51,11 @@ class ModelWatcher:
     async def _watch(self) -> None:
         discovery = servegrid_context.runtime.discovery
         prefix = instance_prefix(self.namespace)
+        backoff = Backoff(start=0.5, maximum=5.0)
         while True:
             try:
                 async for event in discovery.watch(prefix):
+                    backoff.reset()
                     if event.kind == "put" and event.instance is not None:
                         if event.instance.metadata.get("model"):
                             self._instances[event.key] = event.instance
@@ -57,7 +66,7 @@ class ModelWatcher:
                 raise
             except Exception as exc:  # keep what we knew; discovery may be back soon
                 log.warning("model watch failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                await backoff.sleep()
 
     @property
     def models(self) -> list[str]:
@@ -112,7 +121,7 @@ class Frontend:
 
     @async_on_start
     async def start_http(self) -> None:
-        namespace, _ = _address(type(self))
+        namespace, _ = type(self).address()
         self.watcher = ModelWatcher(namespace)
         self.watcher.start()
         self.http = OpenAIHttpServer(self, self.host, self.port, limits=self.limits)
@@ -121,6 +130,12 @@ class Frontend:
         except OSError as exc:  # port taken, bad address: restarting will not help
             raise UserError(f"Frontend: {exc.strerror or exc}") from exc
         log.info("OpenAI API on http://%s:%d/v1", self.host, self.http.port)
+
+    @async_on_drain
+    async def drain_http(self, timeout: float) -> None:
+        """A stop began: accept no new connections; finish open responses (streams too)."""
+        if self.http is not None:
+            await self.http.stop(timeout)
 
     @async_on_shutdown
     async def stop_http(self) -> None:
@@ -137,17 +152,27 @@ class Frontend:
         models = self.models()
         if request.model not in models:
             if not models:
-                raise NoWorkersError("no worker is serving any model yet; try again shortly")
-            raise ModelNotFoundError(
-                f"model {request.model!r} is not served here (models: {', '.join(models)})"
-            )
+                error: Exception = NoWorkersError(
+                    "no worker is serving any model yet; try again shortly"
+                )
+            else:
+                error = ModelNotFoundError(
+                    f"model {request.model!r} is not served here (models: {', '.join(models)})"
+                )
+            raise http_error_for(error) from None
         stream = self.processor.generate(request)
+        first = True
         try:
             async for chunk in stream:
+                if first:
+                    first = False
+                    if chunk.worker_id and self.http is not None:
+                        self.http.metrics.record_route(chunk.worker_id, chunk.overlap_blocks)
                 yield chunk
         except Exception as exc:
-            mapped = as_client_error(exc)
-            if mapped is exc:
+            # This service is the HTTP edge: domain errors become HTTP errors here.
+            mapped = http_error_for(exc)
+            if mapped is None or mapped is exc:
                 raise
             raise mapped from exc
         finally:
