@@ -176,10 +176,10 @@ async def start_publisher(service: object, engine: Engine) -> KvPublisher | None
     predicting caches from their own decisions.
     """
     from servegrid.sdk.context import servegrid_context
-    from servegrid.sdk.service import _address
+    from servegrid.sdk.service import address
 
     runtime = servegrid_context.runtime
-    namespace, component = _address(type(service))
+    namespace, component = address(type(service))
     if not runtime.nats_url:
         log.info("%s: no event plane (NATS_SERVER unset); KV events are not published", component)
         return None
