@@ -32,6 +32,9 @@ class InstantBackend:
     def models(self) -> list[str]:
         return [MODEL]
 
+    def model_parent(self, model: str) -> str | None:
+        return None
+
     async def generate(self, request: TextRequest):
         n = min(self.tokens, request.max_tokens or self.tokens)
         if self.per_token:

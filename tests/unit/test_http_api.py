@@ -29,11 +29,15 @@ class FakeFrontend:
 
     def __init__(self) -> None:
         self.served = [MODEL]
+        self.parents: dict[str, str] = {}  # LoRA adapter -> base model
         self.workers = 1
         self.requests: list[TextRequest] = []
 
     def models(self) -> list[str]:
         return list(self.served)
+
+    def model_parent(self, model: str) -> str | None:
+        return self.parents.get(model)
 
     async def generate(self, request: TextRequest):
         self.requests.append(request)
@@ -200,6 +204,13 @@ async def test_completion_stream(client):
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks) == "Oncetok0 tok1 tok2 tok3 "
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_models_lists_a_lora_adapter_with_its_base_model_as_parent(http, frontend):
+    frontend.served = [MODEL, "my-adapter"]
+    frontend.parents = {"my-adapter": MODEL}
+    data = (await http.get("/v1/models")).json()["data"]
+    assert [(m["id"], m.get("parent")) for m in data] == [(MODEL, None), ("my-adapter", MODEL)]
 
 
 async def test_models_and_health(http, frontend):

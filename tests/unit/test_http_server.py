@@ -31,6 +31,9 @@ class ControlledFrontend:
     def models(self) -> list[str]:
         return [MODEL]
 
+    def model_parent(self, model: str) -> str | None:
+        return None
+
     async def generate(self, request: TextRequest):
         try:
             self.started.set()

@@ -118,6 +118,15 @@ def model_init(
     typer.echo(f"model written to {path}")
 
 
+def _register_lora_commands() -> None:
+    from servegrid.cli.lora_cmd import lora_app
+
+    app.add_typer(lora_app, name="lora")
+
+
+_register_lora_commands()
+
+
 def _register_optional_commands() -> None:
     try:
         from servegrid.cli.status import status

@@ -1,7 +1,9 @@
 """Frontend: the OpenAI-compatible HTTP server in front of the Processor.
 
 The served models are what registered workers announce (their ``model`` metadata in
-discovery), so ``/v1/models`` and model checks follow workers as they come and go.
+discovery), so ``/v1/models`` and model checks follow workers as they come and go. The LoRA
+adapters workers announce are models too: a request whose ``model`` names one runs with that
+adapter on its base model (``TextRequest.lora_name``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 from servegrid.components.processor import Processor
 from servegrid.distributed.discovery.base import InstanceInfo, instance_prefix
 from servegrid.distributed.retry import Backoff
+from servegrid.engines.lora import adapters_of
 from servegrid.errors import ModelNotFoundError, NoWorkersError
 from servegrid.http.errors import http_error_for
 from servegrid.http.limits import DEFAULT_LIMITS as LIMITS
@@ -37,12 +40,14 @@ log = logging.getLogger(__name__)
 
 
 class ModelWatcher:
-    """Models announced by live instances of a namespace, kept current by a discovery watch."""
+    """Models announced by live instances of a namespace, kept current by a discovery watch:
+    base models, then the LoRA adapters on them."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self._instances: dict[str, InstanceInfo] = {}
         self._models: list[str] = []
+        self._parents: dict[str, str] = {}  # adapter -> the base model it runs on
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -61,16 +66,33 @@ class ModelWatcher:
                             self._instances[event.key] = event.instance
                     else:
                         self._instances.pop(event.key, None)
-                    self._models = sorted({i.metadata["model"] for i in self._instances.values()})
+                    self._update()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep what we knew; discovery may be back soon
                 log.warning("model watch failed (%s); retrying", exc)
                 await backoff.sleep()
 
+    def _update(self) -> None:
+        bases: set[str] = set()
+        parents: dict[str, str] = {}
+        for info in self._instances.values():
+            base = info.metadata["model"]
+            bases.add(base)
+            for adapter in adapters_of(info.metadata):
+                parents.setdefault(adapter, base)
+        for base in bases:  # workers refuse such an adapter; the base model wins if one slips by
+            parents.pop(base, None)
+        self._parents = parents
+        self._models = sorted(bases) + sorted(parents)
+
     @property
     def models(self) -> list[str]:
         return self._models
+
+    def parent(self, model: str) -> str | None:
+        """The base model of the LoRA adapter ``model``; None for a base model."""
+        return self._parents.get(model)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -148,6 +170,9 @@ class Frontend:
     def models(self) -> list[str]:
         return self.watcher.models if self.watcher is not None else []
 
+    def model_parent(self, model: str) -> str | None:
+        return self.watcher.parent(model) if self.watcher is not None else None
+
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
         models = self.models()
         if request.model not in models:
@@ -160,6 +185,8 @@ class Frontend:
                     f"model {request.model!r} is not served here (models: {', '.join(models)})"
                 )
             raise http_error_for(error) from None
+        if self.model_parent(request.model) is not None:
+            request.lora_name = request.model
         stream = self.processor.generate(request)
         first = True
         try:

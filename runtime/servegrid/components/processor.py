@@ -149,18 +149,20 @@ class Processor:
             ignore_eos=request.ignore_eos,
         )
 
-    async def _pick_worker(self, prompt_ids: list[int], request_id: str) -> RouteResponse:
-        request = RouteRequest(token_ids=prompt_ids, request_id=request_id)
+    async def _pick_worker(
+        self, prompt_ids: list[int], request_id: str, lora_name: str | None
+    ) -> RouteResponse:
+        request = RouteRequest(token_ids=prompt_ids, request_id=request_id, lora_name=lora_name)
         if self.use_router:
             return await self.router.route(request)
         assert self._workers is not None
-        return self.picker.route(request, self._workers.instance_ids())
+        return await self.picker.route_when_held(request, self._workers)
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
         prompt_ids = await self._prompt_ids(request)
         sampling = self._sampling(request, len(prompt_ids))
-        route = await self._pick_worker(prompt_ids, request.request_id)
+        route = await self._pick_worker(prompt_ids, request.request_id, request.lora_name)
         worker_id = route.worker_id
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids, stop=request.stop)
         assert self._workers is not None
@@ -171,7 +173,9 @@ class Processor:
             remaining = msgspec.structs.replace(
                 sampling, max_tokens=sampling.max_tokens - len(generated)
             )
-            engine_request = EngineRequest(request.request_id, prompt_ids + generated, remaining)
+            engine_request = EngineRequest(
+                request.request_id, prompt_ids + generated, remaining, request.lora_name
+            )
             outputs = self._workers.call_with_retry(
                 engine_request, EngineOutput, instance_id=worker_id
             )
@@ -216,7 +220,9 @@ class Processor:
                 assert self._workers is not None
                 if not self._workers.instance_ids():
                     raise NoWorkersError("no worker left")
-                target = (await self._pick_worker(tokens, request.request_id)).worker_id
+                target = (
+                    await self._pick_worker(tokens, request.request_id, request.lora_name)
+                ).worker_id
             except (NoWorkersError, NoInstancesError) as exc:
                 reason = f"no worker is left to continue it ({exc})"
             else:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # Decisions, as counted in ``stats``: where a prompt's prefill ran and why.
 REMOTE = "remote"  # prefilled by a prefill worker; decoded from its blocks
 LOCAL_SHORT = "local_short"  # the uncached part of the prompt is short (or a high prefix hit)
+LOCAL_LORA = "local_lora"  # runs with a LoRA adapter: prefill workers do not load adapters
 LOCAL_NO_PREFILL_WORKER = "local_no_prefill_worker"
 LOCAL_QUEUE_FULL = "local_queue_full"
 LOCAL_NO_BLOCKS = "local_no_blocks"  # no room to reserve the blocks now
@@ -96,6 +97,8 @@ class RemotePrefill:
 
     async def _decide(self, request: EngineRequest) -> str | None:
         """None: go remote; else the reason to prefill locally."""
+        if request.lora_name is not None:
+            return LOCAL_LORA
         prompt = request.token_ids
         uncached = len(prompt) - self.engine.prefix_hit_tokens(prompt)
         if uncached <= self.settings.max_local_prefill_length:

@@ -3,16 +3,23 @@
 Modes (``Router.router-mode``, or ``Processor.router`` when the graph has no Router):
 ``random``, ``round-robin``, and ``kv``: the worker with the lowest
 ``overlap-score-weight * new_prefill_blocks + active_decode_blocks`` (kv_router/).
+
+Every mode chooses among the workers that can serve the request: a request for a LoRA
+adapter goes only to workers whose discovery metadata lists that adapter (engines/lora.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from servegrid.components.worker import Worker
-from servegrid.errors import NoWorkersError
+from servegrid.distributed.discovery.base import InstanceInfo
+from servegrid.engines.lora import holders
+from servegrid.errors import ModelNotFoundError, NoWorkersError
 from servegrid.kv_router.config import KvRouterConfig
 from servegrid.kv_router.router import KvRouter, start_kv_router
 from servegrid.llm.protocol import RouteRequest, RouteResponse
@@ -28,6 +35,22 @@ from servegrid.sdk.errors import ConfigError
 from servegrid.sdk.service import address, spec_of
 
 ROUTER_MODES = ("random", "round-robin", "kv")
+#: how long a request for a LoRA adapter waits for a worker announcing it: watches of
+#: discovery see a freshly loaded adapter at slightly different moments
+ADAPTER_WAIT_S = 2.0
+_ADAPTER_POLL_S = 0.05
+
+
+class WorkerSet(Protocol):
+    """The live workers, as an endpoint client knows them (``EndpointClient``)."""
+
+    def instance_ids(self) -> list[int]: ...
+
+    def instances(self) -> list[InstanceInfo]: ...
+
+
+class AdapterNotHeldError(ModelNotFoundError):
+    """No live worker holds the LoRA adapter a request names (a 404 at the edge)."""
 
 
 class WorkerPicker:
@@ -75,13 +98,39 @@ class WorkerPicker:
             state.update(self.kv.state())
         return state
 
-    def route(self, request: RouteRequest, instance_ids: list[int]) -> RouteResponse:
+    def route(self, request: RouteRequest, workers: WorkerSet) -> RouteResponse:
+        instance_ids = workers.instance_ids()
+        lora = request.lora_name
+        candidates = instance_ids
+        if lora is not None and instance_ids:
+            candidates = holders(workers.instances(), lora)
+            if not candidates:
+                raise AdapterNotHeldError(
+                    f"no worker holds LoRA adapter {lora!r} now; load it with "
+                    "`servegrid lora load` (or list it in the Worker's lora-adapters)"
+                )
         if self.kv is None:
-            return RouteResponse(worker_id=self.pick(instance_ids))
+            return RouteResponse(worker_id=self.pick(candidates))
         if not instance_ids:
             raise NoWorkersError("no worker is registered; start a Worker (or wait for one)")
-        decision = self.kv.route(request.token_ids, instance_ids, request.request_id)
+        decision = self.kv.route(
+            request.token_ids, candidates, request.request_id, lora_name=lora, members=instance_ids
+        )
         return RouteResponse(worker_id=decision.worker_id, overlap_blocks=decision.overlap_blocks)
+
+    async def route_when_held(self, request: RouteRequest, workers: WorkerSet) -> RouteResponse:
+        """``route``; a request for an adapter no worker announces yet waits for one up to
+        ``ADAPTER_WAIT_S`` (the frontend may have seen it announced a moment earlier)."""
+        deadline = 0.0
+        while True:
+            try:
+                return self.route(request, workers)
+            except AdapterNotHeldError:
+                now = time.monotonic()
+                deadline = deadline or now + ADAPTER_WAIT_S
+                if now >= deadline:
+                    raise
+            await asyncio.sleep(_ADAPTER_POLL_S)
 
 
 @service()
@@ -107,7 +156,7 @@ class Router:
     async def route(self, request: RouteRequest) -> RouteResponse:
         if self._workers is None:
             self._workers = await self.worker.client("generate")
-        return self.picker.route(request, self._workers.instance_ids())
+        return await self.picker.route_when_held(request, self._workers)
 
     @endpoint()
     async def state(self, _: None = None) -> dict:

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 from servegrid.components.prefill_worker import PrefillWorker
 from servegrid.components.remote_prefill import DisaggSettings, RemotePrefill
-from servegrid.engines.base import Engine, EngineOutput, EngineRequest
+from servegrid.engines.base import Engine, EngineConfigError, EngineOutput, EngineRequest
 from servegrid.engines.disagg import supports_kv_transfer
+from servegrid.engines.lora import LORA_ADAPTERS_KEY, LORA_METADATA_KEY, adapters_from_config
 from servegrid.engines.registry import create_engine
+from servegrid.errors import InvalidRequestError
 from servegrid.kv_router.protocol import KV_BLOCKS_ENDPOINT, KvSnapshot
 from servegrid.kv_router.publisher import KvPublisher, start_publisher
 from servegrid.llm.model_init import BUILTIN_MODEL
@@ -25,6 +27,7 @@ from servegrid.sdk import (
 )
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import ConfigError
+from servegrid.sdk.host import republish_metadata
 from servegrid.sdk.service import address, spec_of
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ class Worker:
 
     Every key of the service's config reaches the engine (``block-size``,
     ``max-model-len``, ``speedup-ratio``...); the engine takes the ones it knows.
+    ``lora-adapters: {name: path}`` are loaded at start, more through ``load_lora``; the
+    worker announces the adapters it holds in its discovery metadata (engines/lora.py).
     """
 
     # Found through discovery and the prefill queue, not called: a graph links it so that
@@ -57,7 +62,20 @@ class Worker:
         self.served_model_name = served_model_name or model
         name = spec_of(type(self)).name
         settings = ServiceConfig.get_instance().settings(name)
-        self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        try:
+            self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        except EngineConfigError as exc:
+            # A config mistake: one line and no restart loop, not a traceback.
+            raise ConfigError(f"{name}: {exc}") from None
+        try:
+            self.configured_loras = adapters_from_config(settings, name)
+        except EngineConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.served_model_name in self.configured_loras:
+            raise ConfigError(
+                f"{name}.{LORA_ADAPTERS_KEY}: adapter {self.served_model_name!r} has the base "
+                "model's name; clients could not tell them apart: rename the adapter"
+            )
         self.kv_publisher: KvPublisher | None = None
         self.remote: RemotePrefill | None = None
         if remote_prefill:
@@ -73,12 +91,27 @@ class Worker:
             self.remote = RemotePrefill(self.engine, disagg, address(PrefillWorker))  # type: ignore[arg-type]
 
     def instance_metadata(self) -> dict:
-        """Registered with every endpoint: the frontend lists served models from this."""
-        return {"model": self.served_model_name, "engine": self.engine_name}
+        """Registered with every endpoint: the frontend lists served models from this, and
+        the routers which workers hold which LoRA adapter."""
+        return {
+            "model": self.served_model_name,
+            "engine": self.engine_name,
+            LORA_METADATA_KEY: self.engine.lora_names(),
+        }
 
     @async_on_start
     async def start_engine(self) -> None:
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except EngineConfigError as exc:
+            raise ConfigError(f"{spec_of(type(self)).name}: {exc}") from None
+        missing = sorted(set(self.configured_loras) - set(self.engine.lora_names()))
+        if missing:
+            raise ConfigError(
+                f"{spec_of(type(self)).name}.{LORA_ADAPTERS_KEY}: engine {self.engine_name!r} "
+                f"did not load {', '.join(missing)} (it does not run LoRA adapters?); use the "
+                "mocker, torch or vllm engine"
+            )
         self.kv_publisher = await start_publisher(self, self.engine)
         if self.remote is not None:
             await self.remote.start(servegrid_context.runtime, os.getpid())
@@ -118,6 +151,23 @@ class Worker:
             "active_requests": metrics.active_requests,
             "waiting_requests": metrics.waiting_requests,
         }
+
+    @endpoint()
+    async def load_lora(self, adapter: dict) -> dict:
+        """Load a LoRA adapter at run time: ``{"name": ..., "path": PEFT directory}``; the
+        answer lists the adapters loaded now. Requests name one in ``lora_name``."""
+        try:
+            name = str(adapter["name"])
+            if name == self.served_model_name:
+                raise EngineConfigError(f"adapter {name!r} has the base model's name")
+            await self.engine.load_lora(name, str(adapter["path"]))
+        except KeyError as exc:
+            raise InvalidRequestError(f"load_lora needs {exc.args[0]!r}") from None
+        except EngineConfigError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        # Announce it: frontends list it and routers send its requests here from now on.
+        await republish_metadata(self)
+        return {"lora_adapters": self.engine.lora_names()}
 
     @endpoint(KV_BLOCKS_ENDPOINT)
     async def kv_blocks(self, _: None = None) -> KvSnapshot:

@@ -18,6 +18,8 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from servegrid.distributed import env
 from servegrid.distributed.backends import discovery_from_env, nats_url_from_env
 from servegrid.distributed.client import EndpointClient
@@ -104,6 +106,15 @@ class DistributedRuntime:
         await self.discovery.register(info)
         self._registered.append(info)
         return info
+
+    async def update_metadata(self, instance_id: int, metadata: dict) -> None:
+        """Publish new ``metadata`` for every endpoint ``instance_id`` serves (what it offers
+        changed while it runs: a worker loaded a LoRA adapter). Watchers see a ``put``."""
+        for index, info in enumerate(self._registered):
+            if info.instance_id == instance_id:
+                info = msgspec.structs.replace(info, metadata=metadata)
+                await self.discovery.register(info)
+                self._registered[index] = info
 
     async def unregister_all(self) -> None:
         """Leave discovery (first step of a graceful shutdown: callers stop choosing us)."""

@@ -52,7 +52,11 @@ class OpenAIBackend(Protocol):
     """What the Frontend service provides to the HTTP layer."""
 
     def models(self) -> list[str]:
-        """Ids of the models some registered worker serves now."""
+        """Ids of the models some registered worker serves now (LoRA adapters included)."""
+        ...
+
+    def model_parent(self, model: str) -> str | None:
+        """The base model of ``model`` when it is a LoRA adapter, else None."""
         ...
 
     def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
@@ -159,10 +163,13 @@ class OpenAIApp:
     # -- simple routes ---------------------------------------------------------------------------
     def _models(self, request: Request, conn: HttpConnection) -> None:
         created = date_cache.seconds()
-        data = [
-            {"id": m, "object": "model", "created": created, "owned_by": "servegrid"}
-            for m in self.backend.models()
-        ]
+        data = []
+        for m in self.backend.models():
+            card = {"id": m, "object": "model", "created": created, "owned_by": "servegrid"}
+            parent = self.backend.model_parent(m)
+            if parent is not None:  # a LoRA adapter names its base model, as vLLM does
+                card["parent"] = parent
+            data.append(card)
         conn.send_response(200, _encode({"object": "list", "data": data}))
         self.metrics.requests.inc(("/v1/models", "200"))
 

@@ -122,13 +122,22 @@ class KvRouter:
 
     # -- deciding ------------------------------------------------------------------------
     def route(
-        self, token_ids: Sequence[int], worker_ids: Sequence[int], request_id: str = ""
+        self,
+        token_ids: Sequence[int],
+        worker_ids: Sequence[int],
+        request_id: str = "",
+        *,
+        lora_name: str | None = None,
+        members: Sequence[int] | None = None,
     ) -> RouteDecision:
-        self.update_members(worker_ids)
+        """The worker among ``worker_ids`` to serve ``token_ids`` (run with the LoRA adapter
+        ``lora_name``, whose name salts the block hashes). ``members``: every worker in
+        discovery, when ``worker_ids`` are only some of them (those holding the adapter)."""
+        self.update_members(worker_ids if members is None else members)
         if self._retry_at:
             self._retry_failed_snapshots()
         cfg = self.config
-        hashes = block_hashes(token_ids, cfg.block_size)
+        hashes = block_hashes(token_ids, cfg.block_size, salt=lora_name)
         overlaps = self.indexer.overlaps(hashes)
         loads = self.loads
         loads.expire()

@@ -60,6 +60,7 @@ class TextRequest(msgspec.Struct, omit_defaults=True):
     stop: list[str] = []
     ignore_eos: bool = False
     echo: bool = False
+    lora_name: str | None = None  # set by the frontend when ``model`` names a LoRA adapter
 
 
 class GenerateChunk(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -79,6 +80,7 @@ class RouteRequest(msgspec.Struct, omit_defaults=True):
 
     token_ids: list[int]
     request_id: str = ""
+    lora_name: str | None = None  # only workers holding this adapter may serve it
 
 
 class RouteResponse(msgspec.Struct, omit_defaults=True):

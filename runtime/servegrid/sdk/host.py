@@ -31,7 +31,7 @@ from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import UserError
 from servegrid.sdk.graph import Graph, resolve_ref
 from servegrid.sdk.layered_config import constructor_kwargs, effective_service_args
-from servegrid.sdk.service import ServiceSpec, address
+from servegrid.sdk.service import ServiceSpec, address, spec_of
 
 log = logging.getLogger("servegrid.host")
 
@@ -52,6 +52,17 @@ def _metadata(instance: Any) -> dict[str, Any]:
     if callable(extra):
         metadata.update(extra())
     return metadata
+
+
+async def republish_metadata(instance: Any) -> None:
+    """Publish ``instance``'s metadata again after it changed (a worker loaded an adapter);
+    a no-op for a service this process does not host through ``servegrid serve``."""
+    runtime = servegrid_context.get("runtime")
+    ids = servegrid_context.get("instance_ids") or {}
+    instance_id = ids.get(spec_of(type(instance)).name)
+    if runtime is None or instance_id is None:
+        return
+    await runtime.update_metadata(instance_id, _metadata(instance))
 
 
 async def _call_hooks(hosted: HostedService, names: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from servegrid.engines.lora import adapters_from_config
 from servegrid.engines.mocker.config import MockerConfig
 from servegrid.engines.mocker.engine import EngineDeadError, MockerEngine
 from servegrid.engines.mocker.kv_transfer import KvTransferMocker
@@ -23,8 +24,10 @@ def create(config: Mapping[str, Any]) -> KvTransferMocker:
 
     With a ``model`` the vocabulary and special ids come from that model's tokenizer, so
     the processor can detokenize what the mocker makes; ``vocab-size`` overrides the size.
+    ``lora-adapters`` are loaded (simulated) when the engine starts.
     """
     cfg = MockerConfig.from_config(config)
+    adapters = adapters_from_config(config, "mocker")
     vocab_size = DEFAULT_VOCAB_SIZE
     special: frozenset[int] = frozenset()
     if cfg.model:
@@ -39,4 +42,4 @@ def create(config: Mapping[str, Any]) -> KvTransferMocker:
         special = tokenizer.special_ids | unreadable
     if cfg.vocab_size is not None:
         vocab_size = cfg.vocab_size
-    return KvTransferMocker(cfg, vocab_size=vocab_size, special_ids=special)
+    return KvTransferMocker(cfg, vocab_size=vocab_size, special_ids=special, lora_adapters=adapters)

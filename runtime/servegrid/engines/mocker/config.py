@@ -19,6 +19,7 @@ class MockerConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     speedup_ratio: float = 1.0
+    lora_load_seconds: float = 0.2  # simulated time to load a LoRA adapter (÷ speedup-ratio)
     vocab_size: int | None = None  # default: the model directory's, else 2048
     model: str | None = None  # a model directory or the built-in model name
 
@@ -48,6 +49,10 @@ class MockerConfig:
                 raise EngineConfigError(
                     f"mocker: {key.replace('_', '-')} must be positive, got {getattr(self, key)}"
                 )
+        if self.lora_load_seconds < 0:
+            raise EngineConfigError(
+                f"mocker: lora-load-seconds must be >= 0, got {self.lora_load_seconds}"
+            )
         if self.speedup_ratio <= 0:
             raise EngineConfigError(
                 f"mocker: speedup-ratio must be positive, got {self.speedup_ratio}"

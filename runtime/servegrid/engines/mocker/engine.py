@@ -14,6 +14,11 @@ generated so far (a migrated stream) goes on with exactly the ids it would have 
 EOS is never produced: a sequence ends with ``"length"`` at ``max_tokens`` (or at
 ``max-model-len``), or with ``"stop"`` if it draws one of the request's ``stop_token_ids``.
 
+LoRA adapters are simulated: loading one takes ``lora-load-seconds`` (no weights are read),
+and a request naming one draws its ids from a stream seeded by the adapter's name too, so an
+adapter visibly changes the output, the same way on every worker; its KV blocks are hashed
+with the adapter as salt, so they never match the base model's or another adapter's.
+
 Outputs reach the consumer without a task per token: the loop appends ids to the
 sequence's buffer and resolves the future the consumer waits on, if any.
 """
@@ -23,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from hashlib import blake2b
 
 from servegrid.engines.base import (
     Engine,
+    EngineConfigError,
     EngineOutput,
     EngineRequest,
     EngineRequestError,
@@ -36,6 +42,7 @@ from servegrid.engines.base import (
     LoadMetrics,
     PromptTooLongError,
 )
+from servegrid.engines.lora import check_adapter
 from servegrid.engines.mocker.config import MockerConfig
 from servegrid.engines.mocker.kv_cache import BlockPool
 from servegrid.engines.mocker.timing import step_seconds
@@ -63,6 +70,7 @@ class _Seq:
         "finish",
         "generated",
         "hashes",
+        "lora",
         "max_len",
         "max_tokens",
         "num_committed",
@@ -83,8 +91,10 @@ class _Seq:
         rng: int,
         stop_ids: frozenset[int],
         hashes: list[int],
+        lora: str | None = None,
     ) -> None:
         self.tokens = tokens  # prompt + generated
+        self.lora = lora  # the LoRA adapter it runs with: the salt of its block hashes
         self.max_tokens = max_tokens
         self.max_len = max_len
         self.rng = rng
@@ -108,8 +118,11 @@ class MockerEngine(Engine):
         *,
         vocab_size: int = 2048,
         special_ids: frozenset[int] = frozenset(),
+        lora_adapters: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self._lora_config = dict(lora_adapters or {})  # loaded by ``start``
+        self._loras: dict[str, str] = {}  # adapter name -> path, once loaded
         self._bs = config.block_size
         self._pool = BlockPool(config.num_gpu_blocks)
         self._allowed = [i for i in range(vocab_size) if i not in special_ids]
@@ -130,6 +143,27 @@ class MockerEngine(Engine):
 
     async def start(self) -> None:
         self._ensure_started()
+        for name, path in self._lora_config.items():
+            await self.load_lora(name, path)
+
+    def lora_names(self) -> list[str]:
+        return sorted(self._loras)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Simulate loading an adapter: it takes ``lora-load-seconds`` and reads nothing.
+        Loading a name again from the same path is a no-op; from another path, an error."""
+        check_adapter(name, path, "mocker")
+        loaded = self._loras.get(name)
+        if loaded is not None:
+            if loaded == path:
+                return
+            raise EngineConfigError(
+                f"mocker: LoRA adapter {name!r} is already loaded from {loaded}; "
+                f"choose another name for {path}"
+            )
+        cfg = self.config
+        await asyncio.sleep(cfg.lora_load_seconds / cfg.speedup_ratio)
+        self._loras.setdefault(name, path)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -229,14 +263,28 @@ class MockerEngine(Engine):
             raise EngineRequestError(
                 f"request {request.request_id}: max_tokens must be at least 1, got {sp.max_tokens}"
             )
+        lora = request.lora_name
+        if lora is not None and lora not in self._loras:
+            raise EngineRequestError(
+                f"request {request.request_id}: LoRA adapter {lora!r} is not loaded on this "
+                f"worker (loaded: {', '.join(self.lora_names()) or 'none'})"
+            )
         if sp.seed is not None:
             rng = sp.seed & _MASK64
         else:
             digest = blake2b(request.request_id.encode(), digest_size=8).digest()
             rng = int.from_bytes(digest, "little")
-        hashes = block_hashes(prompt, self._bs) if cfg.enable_prefix_caching else []
+        if lora is not None:  # the adapter's own stream: it changes the output
+            rng ^= int.from_bytes(blake2b(lora.encode(), digest_size=8).digest(), "little")
+        hashes = block_hashes(prompt, self._bs, salt=lora) if cfg.enable_prefix_caching else []
         return _Seq(
-            prompt, sp.max_tokens, cfg.max_model_len, rng, frozenset(sp.stop_token_ids), hashes
+            prompt,
+            sp.max_tokens,
+            cfg.max_model_len,
+            rng,
+            frozenset(sp.stop_token_ids),
+            hashes,
+            lora,
         )
 
     def _ensure_started(self) -> None:
@@ -446,7 +494,7 @@ class MockerEngine(Engine):
             if b < len(hashes):
                 h = hashes[b]
             else:
-                h = hash_block(seq.tokens[b * bs : (b + 1) * bs], parent)
+                h = hash_block(seq.tokens[b * bs : (b + 1) * bs], parent, salt=seq.lora)
                 hashes.append(h)
             if commit(blocks[b], h):
                 if not new:

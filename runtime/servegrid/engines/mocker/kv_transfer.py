@@ -103,7 +103,10 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
         # A real prefill through the scheduler (batched with other prefills, chunked, timed);
         # the computed blocks stay in this worker's prefix cache afterwards.
         prefill = EngineRequest(
-            request.request_id, request.token_ids, SamplingParams(max_tokens=1, ignore_eos=True)
+            request.request_id,
+            request.token_ids,
+            SamplingParams(max_tokens=1, ignore_eos=True),
+            lora_name=request.lora_name,
         )
         async for _ in self.generate(prefill):
             pass
