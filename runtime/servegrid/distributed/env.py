@@ -18,6 +18,11 @@ SERVEGRID_BIND_HOST = "SERVEGRID_BIND_HOST"
 SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
 # Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
+# The cluster secret (distributed/secret.py): the path of a file that holds it (owned by the
+# user, mode 0600 or stricter), or the value itself. Set one of them, not both. Required when a
+# request-plane listener binds a non-loopback address; NATS then authenticates with it too.
+SERVEGRID_CLUSTER_SECRET_FILE = "SERVEGRID_CLUSTER_SECRET_FILE"
+SERVEGRID_CLUSTER_SECRET = "SERVEGRID_CLUSTER_SECRET"
 
 # Set by `servegrid serve` for the processes it starts.
 SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"
@@ -56,7 +61,11 @@ def lease_ttl() -> float:
 
 
 def discovery_dir() -> Path:
-    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default."""
+    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default.
+
+    Whichever it is, ``FileDiscovery`` creates it 0700 and refuses one that another user owns
+    or could write to (``distributed/private_dir.py``).
+    """
     value = os.environ.get(SERVEGRID_DISCOVERY_DIR)
     if value:
         return Path(value)

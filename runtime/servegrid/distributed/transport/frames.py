@@ -1,6 +1,7 @@
 """The request plane's wire format, defined once.
 
-Every frame is a 9-byte header followed by a body:
+A connection opens with the handshake of ``handshake.py`` (the cluster secret, proven both
+ways); only then do frames flow. Every frame is a 9-byte header followed by a body:
 
     u32 body length | u8 kind | u32 stream id      (big-endian)
 
@@ -13,7 +14,11 @@ Kinds:
     ERROR     server → client  body: msgpack [code, message]; the stream ended in error
     CANCEL    client → server  body: empty; the caller went away, stop the work
 
-Stream ids are chosen by the client and are unique per connection.
+Stream ids are chosen by the client. An id names one open stream of its connection: a REQUEST
+that reuses the id of a stream still open (not yet ended, errored or cancelled) is a protocol
+error, and so is any kind a client does not send or a body over ``MAX_FRAME_BODY``; the server
+then closes the connection, which cancels every stream on it. Once a stream has ended or been
+cancelled its id may be used again (the client's 32-bit counter wraps).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import msgspec
 
 HEADER = struct.Struct("!IBI")
 HEADER_SIZE = HEADER.size
-MAX_FRAME_BODY = 64 * 1024 * 1024
+# Far above any request or response (a long prompt's ids are a few hundred KiB) and small
+# enough that a peer cannot make the reader hold much for a frame it never finishes.
+MAX_FRAME_BODY = 16 * 1024 * 1024
 
 
 class Kind(IntEnum):
@@ -51,17 +58,20 @@ class CoalescingWriter:
     """Frames sent in one event-loop iteration leave in one ``transport.write``.
 
     Mixed into both ends of a request-plane connection: many streams share it, and a step
-    that answers many requests costs one syscall, not one per frame.
+    that answers many requests costs one syscall, not one per frame. ``_out_bytes`` counts
+    what waits for the next write, so a writer can hold back before the buffer grows.
     """
 
     __slots__ = ()
     _loop: Any
     _transport: Any
     _out: list[bytes]
+    _out_bytes: int
     _flush_scheduled: bool
 
     def _send(self, data: bytes) -> None:
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -69,6 +79,7 @@ class CoalescingWriter:
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         transport = self._transport
         if not out or transport is None or transport.is_closing():
             return
@@ -86,6 +97,11 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame begun but not complete."""
+        return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         buf = self._buf
