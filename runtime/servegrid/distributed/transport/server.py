@@ -183,6 +183,8 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         buf += data
         size = handshake.PROOF.size
         if len(buf) < size:
+            if len(buf) >= len(handshake.MAGIC) and not buf.startswith(handshake.MAGIC):
+                self._protocol_error("it did not open with the servegrid handshake")
             return b""
         message, rest = bytes(buf[:size]), bytes(buf[size:])
         self._handshake = None
