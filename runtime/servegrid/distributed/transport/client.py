@@ -168,7 +168,7 @@ class Connection(CoalescingWriter, asyncio.Protocol):
             raise
         except (OSError, TimeoutError, InstanceUnavailableError) as exc:
             self.close()
-            reason = str(exc) or "no handshake within the connect timeout"
+            reason = str(exc) or f"no answer within {timeout:g}s"
             raise InstanceUnavailableError(
                 self.instance_id, f"{self.host}:{self.port}: {reason}"
             ) from exc

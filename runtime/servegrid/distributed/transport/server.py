@@ -45,6 +45,7 @@ Handler = Callable[[Any], Awaitable[Any] | Any]
 READ_TIMEOUT = 15.0  # seconds to finish the handshake, and each frame once begun
 SEND_BUFFER_HIGH = 1024 * 1024  # unsent response bytes per connection before handlers wait
 SEND_STALL_TIMEOUT = 30.0  # seconds over that without the peer reading: close it
+MAX_LOGGED_PEERS = 1024  # hosts whose refused handshakes are logged (the counter counts all)
 
 
 @dataclass(slots=True)
@@ -163,7 +164,9 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         raw = self._raw
         if raw is not None and not raw.is_closing():
             raw.pause_reading()
-        self._stall_timer = self._loop.call_later(self._server.send_stall_timeout, self._stalled)
+        if self._stall_timer is None:
+            timeout = self._server.send_stall_timeout
+            self._stall_timer = self._loop.call_later(timeout, self._stalled)
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -423,9 +426,10 @@ class RequestPlaneServer:
     def _auth_failed(self, peer: str, reason: str) -> None:
         self.auth_failures += 1
         # Once per peer host: a misconfigured node retries, and must not flood the log.
-        if peer in self._auth_failures_logged:
+        logged = self._auth_failures_logged
+        if peer in logged or len(logged) >= MAX_LOGGED_PEERS:
             return
-        self._auth_failures_logged.add(peer)
+        logged.add(peer)
         log.warning(
             "refused request-plane connections from %s: %s (logged once per host). Every "
             "servegrid process of the cluster needs the same %s or %s",
