@@ -19,9 +19,9 @@ import msgspec
 import pytest
 
 from servegrid.distributed import env
-from servegrid.distributed.errors import AuthenticationError, ClusterSecretError
+from servegrid.distributed.errors import AuthenticationError, ClusterSecretError, RemoteError
 from servegrid.distributed.transport.client import ConnectionPool
-from servegrid.distributed.transport.frames import MAX_FRAME_BODY
+from servegrid.distributed.transport.frames import MAX_FRAME_BODY, FrameTooLargeError
 from servegrid.distributed.transport.server import RequestPlaneServer
 
 SECRET = "test-cluster-secret-0123456789"
@@ -201,6 +201,24 @@ async def test_a_frame_no_client_sends_closes_the_connection(started, bad_frame)
     assert await peer.closed_by_server()
     assert server.protocol_errors == 1
     await peer.close()
+
+
+async def test_an_oversized_response_fails_its_stream_not_the_connection(started):
+    server = await started()
+
+    async def sized(size: int) -> bytes:
+        return b"z" * size
+
+    server.add_handler("sized", sized)
+    pool = ConnectionPool()
+    conn = await pool.get(1, "127.0.0.1", server.port)
+    with pytest.raises(RemoteError, match="frame limit"):
+        await conn.call("sized", MAX_FRAME_BODY + 1).single()
+    assert await conn.call("sized", 3).single() == b"zzz"  # the connection is still good
+    with pytest.raises(FrameTooLargeError, match="a request of"):
+        conn.call("sized", b"q" * (MAX_FRAME_BODY + 1))
+    assert await conn.call("sized", 2).single() == b"zz"
+    pool.close()
 
 
 # -- deadlines ------------------------------------------------------------------------------

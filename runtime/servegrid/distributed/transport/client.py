@@ -315,10 +315,11 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         stream_id = self._next_id
         while stream_id in streams:  # after a wrap: an id names one open stream only
             stream_id = (stream_id + 1) & 0xFFFFFFFF or 1
+        request = frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload)))
         self._next_id = (stream_id + 1) & 0xFFFFFFFF or 1
         stream = ResponseStream(self, stream_id, response_type)
         streams[stream_id] = stream
-        self._send(frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload))))
+        self._send(request)
         return stream
 
     def _cancel(self, stream_id: int) -> None:

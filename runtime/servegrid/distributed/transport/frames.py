@@ -50,8 +50,20 @@ encode_payload = msgspec.msgpack.Encoder().encode
 decode_payload = msgspec.msgpack.Decoder().decode
 
 
+class FrameTooLargeError(Exception):
+    """A request or response is larger than one frame may be; the peer would drop the
+    connection (and every stream on it) for it, so it is refused before it is sent."""
+
+
 def frame(kind: int, stream_id: int, body: bytes = b"") -> bytes:
-    return _pack_header(len(body), kind, stream_id) + body
+    size = len(body)
+    if size > MAX_FRAME_BODY:
+        what = "a request" if kind == Kind.REQUEST else "a response"
+        raise FrameTooLargeError(
+            f"{what} of {size} bytes exceeds the request plane's frame limit of "
+            f"{MAX_FRAME_BODY} bytes"
+        )
+    return _pack_header(size, kind, stream_id) + body
 
 
 class CoalescingWriter:
