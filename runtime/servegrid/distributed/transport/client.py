@@ -30,10 +30,15 @@ from servegrid.distributed.secret import HOW_TO_SET
 from servegrid.distributed.transport import handshake
 from servegrid.distributed.transport.codec import converter_for
 from servegrid.distributed.transport.frames import (
+    CANCEL,
+    DATA,
+    END,
+    ERROR,
+    LAST,
+    REQUEST,
     CoalescingWriter,
     FrameError,
     FrameReader,
-    Kind,
     decode_payload,
     encode_payload,
     frame,
@@ -272,16 +277,16 @@ class Connection(CoalescingWriter, asyncio.Protocol):
             stream = streams.get(stream_id)
             if stream is None:
                 continue  # cancelled by us; late frames are dropped
-            if kind == Kind.DATA:
+            if kind == DATA:
                 stream._push(decode_payload(body))
-            elif kind == Kind.LAST:
+            elif kind == LAST:
                 del streams[stream_id]
                 stream._push(decode_payload(body))
                 stream._push(_END)
-            elif kind == Kind.END:
+            elif kind == END:
                 del streams[stream_id]
                 stream._push(_END)
-            elif kind == Kind.ERROR:
+            elif kind == ERROR:
                 del streams[stream_id]
                 code, message = decode_payload(body)
                 error = (
@@ -315,7 +320,7 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         stream_id = self._next_id
         while stream_id in streams:  # after a wrap: an id names one open stream only
             stream_id = (stream_id + 1) & 0xFFFFFFFF or 1
-        request = frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload)))
+        request = frame(REQUEST, stream_id, encode_payload((endpoint, payload)))
         self._next_id = (stream_id + 1) & 0xFFFFFFFF or 1
         stream = ResponseStream(self, stream_id, response_type)
         streams[stream_id] = stream
@@ -324,7 +329,7 @@ class Connection(CoalescingWriter, asyncio.Protocol):
 
     def _cancel(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is not None and not self.closed:
-            self._send(frame(Kind.CANCEL, stream_id))
+            self._send(frame(CANCEL, stream_id))
 
     def close(self) -> None:
         if self._raw is not None:

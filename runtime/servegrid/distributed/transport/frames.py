@@ -45,6 +45,15 @@ class Kind(IntEnum):
     CANCEL = 6
 
 
+# The kinds as plain ints for the per-frame paths: reading an IntEnum member is a descriptor
+# call that costs about as much as packing the frame's header.
+REQUEST = int(Kind.REQUEST)
+DATA = int(Kind.DATA)
+LAST = int(Kind.LAST)
+END = int(Kind.END)
+ERROR = int(Kind.ERROR)
+CANCEL = int(Kind.CANCEL)
+
 _pack_header = HEADER.pack
 encode_payload = msgspec.msgpack.Encoder().encode
 decode_payload = msgspec.msgpack.Decoder().decode
@@ -58,7 +67,7 @@ class FrameTooLargeError(Exception):
 def frame(kind: int, stream_id: int, body: bytes = b"") -> bytes:
     size = len(body)
     if size > MAX_FRAME_BODY:
-        what = "a request" if kind == Kind.REQUEST else "a response"
+        what = "a request" if kind == REQUEST else "a response"
         raise FrameTooLargeError(
             f"{what} of {size} bytes exceeds the request plane's frame limit of "
             f"{MAX_FRAME_BODY} bytes"
@@ -103,17 +112,15 @@ class FrameError(Exception):
 
 
 class FrameReader:
-    """Incremental frame parser: feed bytes, get complete (kind, stream_id, body) tuples."""
+    """Incremental frame parser: feed bytes, get complete (kind, stream_id, body) tuples.
+
+    ``_buf`` holds the bytes of a frame begun but not complete (the server times it).
+    """
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = bytearray()
-
-    @property
-    def pending(self) -> int:
-        """Bytes of a frame begun but not complete."""
-        return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         buf = self._buf

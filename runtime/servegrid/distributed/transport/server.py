@@ -29,10 +29,15 @@ from servegrid.distributed.secret import require_secret_for_bind
 from servegrid.distributed.transport import handshake
 from servegrid.distributed.transport.codec import converter_for, to_wire
 from servegrid.distributed.transport.frames import (
+    CANCEL,
+    DATA,
+    END,
+    ERROR,
+    LAST,
+    REQUEST,
     CoalescingWriter,
     FrameError,
     FrameReader,
-    Kind,
     decode_payload,
     encode_payload,
     frame,
@@ -61,6 +66,7 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         "_flush_scheduled",
         "_handshake",
         "_high_water",
+        "_limit",
         "_loop",
         "_out",
         "_out_bytes",
@@ -93,6 +99,9 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         self._handshake: bytearray | None = bytearray()
         self._server_nonce = handshake.new_nonce()
         self._high_water = server.send_buffer_high
+        # Unsent bytes at which handlers wait: the high-water mark, or 0 while the transport
+        # is paused, so that one comparison per frame covers both (``_out_bytes >= _limit``).
+        self._limit = self._high_water
         # When the frame (or handshake) still incomplete began to arrive; 0.0 when none is.
         self._partial_since = 0.0
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -124,19 +133,19 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         except FrameError as exc:
             self._protocol_error(str(exc))
             return
-        if reader.pending:
+        if reader._buf:  # a frame is still incomplete
             if frames or not self._partial_since:
                 self._partial_since = self._loop.time()
         elif self._partial_since:
             self._partial_since = 0.0
         tasks = self._tasks
         for kind, stream_id, body in frames:
-            if kind == Kind.REQUEST:
+            if kind == REQUEST:
                 if stream_id in tasks:
                     self._protocol_error(f"stream id {stream_id} reused while that stream is open")
                     return
                 tasks[stream_id] = self._loop.create_task(self._run(stream_id, body))
-            elif kind == Kind.CANCEL:
+            elif kind == CANCEL:
                 task = tasks.pop(stream_id, None)
                 if task is not None:
                     task.cancel()
@@ -160,6 +169,7 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         # The peer reads slower than we answer: hold the handlers back (``_writable``), stop
         # taking new requests from it, and give up on it if it reads nothing for a while.
         self._paused = True
+        self._limit = 0
         self._server.write_pauses += 1
         raw = self._raw
         if raw is not None and not raw.is_closing():
@@ -170,6 +180,7 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._limit = self._high_water
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -284,7 +295,7 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         if buffered > server.peak_buffered_bytes:
             server.peak_buffered_bytes = buffered
         if self._drain_waiters and not self._paused:
-            self._wake_drainers()
+            self._wake_drainers()  # _out_bytes is 0 now: below the limit
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -294,24 +305,21 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
 
     async def _writable(self) -> None:
         """Wait until the peer has taken enough of what we sent to accept more."""
-        while (self._paused or self._out_bytes >= self._high_water) and (
-            self._transport is not None
-        ):
+        while self._out_bytes >= self._limit and self._transport is not None:
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
 
     # -- one request -------------------------------------------------------------------
     def _error(self, stream_id: int, code: str, message: str) -> None:
-        self._send(frame(Kind.ERROR, stream_id, encode_payload([code, message])))
+        self._send(frame(ERROR, stream_id, encode_payload([code, message])))
 
     async def _run(self, stream_id: int, body: bytes) -> None:
         send = self._send
-        high_water = self._high_water
         try:
             # Each send waits while the peer is behind (``_writable``), so what one connection
             # buffers stays near ``send_buffer_high`` however many streams it carries.
-            if self._paused or self._out_bytes >= high_water:
+            if self._out_bytes >= self._limit:
                 await self._writable()
             try:
                 endpoint_name, payload = decode_payload(body)
@@ -330,19 +338,19 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
                 stream = entry.handler(request)
                 try:
                     async for item in stream:
-                        if self._paused or self._out_bytes >= high_water:
+                        if self._out_bytes >= self._limit:
                             await self._writable()
-                        send(frame(Kind.DATA, stream_id, encode_payload(to_wire(item))))
+                        send(frame(DATA, stream_id, encode_payload(to_wire(item))))
                 finally:
                     await stream.aclose()
-                send(frame(Kind.END, stream_id))
+                send(frame(END, stream_id))
             else:
                 result = entry.handler(request)
                 if inspect.isawaitable(result):
                     result = await result
-                if self._paused or self._out_bytes >= high_water:
+                if self._out_bytes >= self._limit:
                     await self._writable()
-                send(frame(Kind.LAST, stream_id, encode_payload(to_wire(result))))
+                send(frame(LAST, stream_id, encode_payload(to_wire(result))))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
