@@ -54,6 +54,8 @@ class DistributedRuntime:
     ) -> None:
         self.discovery = discovery
         self.advertise_host = advertise_host
+        # Other listeners of this process (the KV transfer path) authenticate with it too.
+        self.cluster_secret = cluster_secret
         self.server = RequestPlaneServer(bind_host, 0, secret=cluster_secret)
         self.pool = ConnectionPool(secret=cluster_secret)
         self.nats_url = nats_url

@@ -18,7 +18,6 @@ import socket
 from collections import deque
 from typing import Any
 
-from servegrid.distributed import env
 from servegrid.distributed.errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -26,7 +25,6 @@ from servegrid.distributed.errors import (
     InstanceUnavailableError,
     RemoteError,
 )
-from servegrid.distributed.secret import HOW_TO_SET
 from servegrid.distributed.transport import handshake
 from servegrid.distributed.transport.codec import converter_for
 from servegrid.distributed.transport.frames import (
@@ -196,9 +194,10 @@ class Connection(CoalescingWriter, asyncio.Protocol):
             self._raw.close()
         return b""
 
-    def _auth_error(self, problem: str) -> bytes:
-        where = f"the request-plane server at {self.host}:{self.port}"
-        return self._handshake_failed(AuthenticationError(self.instance_id, f"{where} {problem}"))
+    def _refused(self, problem: str, about_secret: bool) -> bytes:
+        message = f"the request-plane server at {self.host}:{self.port} {problem}"
+        error_class = AuthenticationError if about_secret else InstanceUnavailableError
+        return self._handshake_failed(error_class(self.instance_id, message))
 
     def _handshake_received(self, data: bytes) -> bytes:
         """Answer the server's HELLO, then check its VERDICT; returns the bytes after it."""
@@ -213,21 +212,9 @@ class Connection(CoalescingWriter, asyncio.Protocol):
             except handshake.HandshakeError as exc:
                 return self._handshake_failed(InstanceUnavailableError(self.instance_id, str(exc)))
             del buf[: handshake.HELLO.size]
-            if version != handshake.VERSION:
-                return self._handshake_failed(
-                    InstanceUnavailableError(
-                        self.instance_id,
-                        f"{self.host}:{self.port} speaks request-plane protocol version "
-                        f"{version}, this process {handshake.VERSION}; run one servegrid "
-                        f"version on every node",
-                    )
-                )
-            if auth == handshake.AUTH_NONE and self._secret is not None:
-                return self._auth_error(
-                    "runs without the cluster secret, and this process holds one: it cannot "
-                    f"prove it belongs to the cluster. Give every servegrid process the same "
-                    f"{env.SERVEGRID_CLUSTER_SECRET_FILE} or {env.SERVEGRID_CLUSTER_SECRET}"
-                )
+            problem = handshake.hello_problem(version, auth, self._secret is not None)
+            if problem is not None:
+                return self._refused(*problem)
             self._server_nonce = nonce
             self._raw.write(handshake.pack_proof(self._secret, nonce, self._client_nonce))
         if len(buf) < handshake.VERDICT.size:
@@ -235,31 +222,11 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         status, proof = handshake.unpack_verdict(bytes(buf[: handshake.VERDICT.size]))
         rest = bytes(buf[handshake.VERDICT.size :])
         self._handshake = None
-        if status == handshake.REJECTED_NO_SECRET:
-            return self._auth_error(
-                f"requires the cluster secret and this process has none; {HOW_TO_SET}"
-            )
-        if status == handshake.REJECTED_WRONG_SECRET:
-            return self._auth_error(
-                "refused this process's cluster secret: the two hold different secrets. Give "
-                f"every servegrid process the same {env.SERVEGRID_CLUSTER_SECRET_FILE} or "
-                f"{env.SERVEGRID_CLUSTER_SECRET}"
-            )
-        if status != handshake.ACCEPTED:
-            return self._handshake_failed(
-                InstanceUnavailableError(
-                    self.instance_id,
-                    f"{self.host}:{self.port} refused the handshake (status {status}); run one "
-                    f"servegrid version on every node",
-                )
-            )
-        if self._secret is not None:
-            expected = handshake.server_proof(self._secret, self._server_nonce, self._client_nonce)
-            if not handshake.proofs_equal(expected, proof):
-                return self._auth_error(
-                    "did not prove that it holds the cluster secret; it is not a member of "
-                    "this cluster"
-                )
+        problem = handshake.verdict_problem(
+            status, proof, self._secret, self._server_nonce, self._client_nonce
+        )
+        if problem is not None:
+            return self._refused(*problem)
         self._transport = self._raw
         self._handshake_done.set_result(None)
         return rest

@@ -1,5 +1,7 @@
 """The request-plane handshake, defined once: before any frame, both ends prove they hold the
-cluster secret (``distributed/secret.py``) without sending it.
+cluster secret (``distributed/secret.py``) without sending it. Every other listener between
+servegrid processes (the KV transfer path) opens with the same handshake
+(``accept_stream``/``connect_stream``).
 
 Three fixed-size messages, then frames (``frames.py``) in both directions:
 
@@ -33,10 +35,14 @@ since a process that cannot prove the secret must not receive its requests.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
 import struct
+
+from servegrid.distributed import env
+from servegrid.distributed.secret import HOW_TO_SET
 
 MAGIC = b"SGRP"
 VERSION = 1
@@ -117,3 +123,124 @@ def pack_verdict(status: int, proof: bytes = NO_PROOF) -> bytes:
 def unpack_verdict(data: bytes) -> tuple[int, bytes]:
     status, proof = VERDICT.unpack(data)
     return status, proof
+
+
+# -- the decisions, shared by the request plane's protocols and the stream helpers below --
+def judge(
+    secret: bytes | None, server_nonce: bytes, proof_message: bytes
+) -> tuple[int, bytes, str]:
+    """The server's answer to a client PROOF: (status, server proof, why it was refused).
+
+    Raises ``HandshakeError`` when the bytes are not a PROOF at all.
+    """
+    version, auth, client_nonce, proof = unpack_proof(proof_message)
+    if version != VERSION:
+        reason = f"it speaks handshake version {version}, this server {VERSION}"
+        return REJECTED_VERSION, NO_PROOF, reason
+    if secret is None:
+        return ACCEPTED, NO_PROOF, ""
+    if auth != AUTH_HMAC_SHA256:
+        return REJECTED_NO_SECRET, NO_PROOF, "it has no cluster secret"
+    if not proofs_equal(client_proof(secret, server_nonce, client_nonce), proof):
+        return REJECTED_WRONG_SECRET, NO_PROOF, "its cluster secret differs from ours"
+    return ACCEPTED, server_proof(secret, server_nonce, client_nonce), ""
+
+
+def hello_problem(version: int, auth: int, has_secret: bool) -> tuple[str, bool] | None:
+    """What is wrong with a server's HELLO for this client: (problem, is it about the secret);
+    None when the client should answer it."""
+    if version != VERSION:
+        return (
+            f"speaks handshake version {version}, this process {VERSION}; run one servegrid "
+            f"version on every node",
+            False,
+        )
+    if auth == AUTH_NONE and has_secret:
+        return (
+            "runs without the cluster secret, and this process holds one: it cannot prove it "
+            f"belongs to the cluster. Give every servegrid process the same {_SECRET_VARIABLES}",
+            True,
+        )
+    return None
+
+
+def verdict_problem(
+    status: int,
+    proof: bytes,
+    secret: bytes | None,
+    server_nonce: bytes,
+    client_nonce: bytes,
+) -> tuple[str, bool] | None:
+    """What is wrong with the server's VERDICT: (problem, is it about the secret); None when
+    the connection is accepted and, with a secret, the server proved it holds it."""
+    if status == REJECTED_NO_SECRET:
+        return f"requires the cluster secret and this process has none; {HOW_TO_SET}", True
+    if status == REJECTED_WRONG_SECRET:
+        return (
+            "refused this process's cluster secret: the two hold different secrets. Give every "
+            f"servegrid process the same {_SECRET_VARIABLES}",
+            True,
+        )
+    if status != ACCEPTED:
+        return (
+            f"refused the handshake (status {status}); run one servegrid version on every node",
+            False,
+        )
+    if secret is not None and not proofs_equal(
+        server_proof(secret, server_nonce, client_nonce), proof
+    ):
+        return (
+            "did not prove that it holds the cluster secret; it is not a member of this cluster",
+            True,
+        )
+    return None
+
+
+_SECRET_VARIABLES = f"{env.SERVEGRID_CLUSTER_SECRET_FILE} or {env.SERVEGRID_CLUSTER_SECRET}"
+
+
+# -- the handshake over asyncio streams, for listeners other than the request plane's ------
+class HandshakeRefusedError(ConnectionError):
+    """The handshake failed; the message says why and, where the secret is at fault, what to
+    set."""
+
+
+async def accept_stream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes | None
+) -> None:
+    """The server's side on a fresh connection; raises ``HandshakeRefusedError`` (after
+    sending the refusal) or ``asyncio.IncompleteReadError``. Bound it with a timeout."""
+    server_nonce = new_nonce()
+    writer.write(pack_hello(secret is not None, server_nonce))
+    message = await reader.readexactly(PROOF.size)
+    try:
+        status, proof, reason = judge(secret, server_nonce, message)
+    except HandshakeError as exc:
+        raise HandshakeRefusedError(str(exc)) from None
+    writer.write(pack_verdict(status, proof))
+    if status != ACCEPTED:
+        await writer.drain()
+        raise HandshakeRefusedError(reason)
+
+
+async def connect_stream(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    secret: bytes | None,
+    where: str,
+) -> None:
+    """The client's side; raises ``HandshakeRefusedError`` naming ``where`` (e.g. "the KV
+    listener at HOST:PORT") or ``asyncio.IncompleteReadError``. Bound it with a timeout."""
+    try:
+        version, auth, server_nonce = unpack_hello(await reader.readexactly(HELLO.size))
+    except HandshakeError as exc:
+        raise HandshakeRefusedError(f"{where}: {exc}") from None
+    problem = hello_problem(version, auth, secret is not None)
+    if problem is not None:
+        raise HandshakeRefusedError(f"{where} {problem[0]}")
+    client_nonce = new_nonce()
+    writer.write(pack_proof(secret, server_nonce, client_nonce))
+    status, proof = unpack_verdict(await reader.readexactly(VERDICT.size))
+    problem = verdict_problem(status, proof, secret, server_nonce, client_nonce)
+    if problem is not None:
+        raise HandshakeRefusedError(f"{where} {problem[0]}")

@@ -204,33 +204,18 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         message, rest = bytes(buf[:size]), bytes(buf[size:])
         self._handshake = None
         try:
-            version, auth, client_nonce, proof = handshake.unpack_proof(message)
+            status, server_proof, reason = handshake.judge(
+                self._server._secret, self._server_nonce, message
+            )
         except handshake.HandshakeError as exc:
             self._protocol_error(str(exc))
             return b""
-        if version != handshake.VERSION:
-            self._refuse(
-                handshake.REJECTED_VERSION,
-                f"it speaks request-plane protocol version {version}, this server "
-                f"{handshake.VERSION}",
-            )
+        if status != handshake.ACCEPTED:
+            self._refuse(status, reason)
             return b""
-        secret = self._server._secret
-        server_proof = handshake.NO_PROOF
-        if secret is not None:
-            if auth != handshake.AUTH_HMAC_SHA256:
-                self._refuse(handshake.REJECTED_NO_SECRET, "it has no cluster secret")
-                return b""
-            expected = handshake.client_proof(secret, self._server_nonce, client_nonce)
-            if not handshake.proofs_equal(expected, proof):
-                self._refuse(
-                    handshake.REJECTED_WRONG_SECRET, "its cluster secret differs from ours"
-                )
-                return b""
-            server_proof = handshake.server_proof(secret, self._server_nonce, client_nonce)
         raw = self._raw
         assert raw is not None
-        raw.write(handshake.pack_verdict(handshake.ACCEPTED, server_proof))
+        raw.write(handshake.pack_verdict(status, server_proof))
         self._transport = raw
         self._partial_since = 0.0
         return rest
