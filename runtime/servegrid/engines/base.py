@@ -13,35 +13,40 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
+from servegrid.errors import ContextLengthExceededError, InvalidRequestError
 
-class SamplingParams(msgspec.Struct, omit_defaults=True):
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
+# The request and output types are wire types shared with the Processor; they live below
+# both (llm/protocol.py) and are re-exported here as the engine interface's types.
+from servegrid.llm.protocol import EngineOutput, EngineRequest, SamplingParams
+
+__all__ = [
+    "Engine",
+    "EngineConfigError",
+    "EngineOutput",
+    "EngineRequest",
+    "EngineRequestError",
+    "KvEvent",
+    "KvEventSink",
+    "LoadMetrics",
+    "PromptTooLongError",
+    "SamplingParams",
+]
 
 
-class EngineRequest(msgspec.Struct, omit_defaults=True):
-    request_id: str
-    token_ids: list[int]
-    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
-
-
-class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+STORED, REMOVED, CLEARED = "stored", "removed", "cleared"
 
 
 class KvEvent(msgspec.Struct, omit_defaults=True):
-    """Blocks that entered (``stored``) or left (``removed``) a worker's KV cache.
+    """Blocks that entered (``stored``) or left (``removed``) a worker's KV cache, or all
+    of them left at once (``cleared``).
 
-    ``block_hashes`` are chained hashes of full token blocks (see llm.kv_hash), parent first.
+    ``block_hashes`` are chained hashes of full token blocks (``llm.kv_hash.block_hashes``),
+    parent first; ``parent_hash`` is the hash of the block before the first one (None at a
+    sequence's start). A block whose KV arrived from elsewhere (a remote prefill) is reported
+    ``stored`` exactly like one computed here: the router only cares what the cache holds.
     """
 
-    kind: str  # "stored" | "removed" | "cleared"
+    kind: str  # STORED | REMOVED | CLEARED
     block_hashes: list[int] = []
     parent_hash: int | None = None
 
@@ -74,18 +79,29 @@ class Engine(abc.ABC):
     def load_metrics(self) -> LoadMetrics: ...
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
-        """Where to report KV events; engines without a KV cache ignore it."""
+        """Where to report KV events; engines without a KV cache ignore it.
+
+        The engine calls ``sink(event)`` on its event loop, synchronously, in the order the
+        cache changed; the Worker numbers and publishes them (kv_router.publisher).
+        """
         return None
+
+    def cached_block_hashes(self) -> list[int]:
+        """Every block hash the cache holds now, any order (a router's re-synchronisation).
+
+        Must agree with the events sent so far: called on the event loop between events.
+        """
+        return []
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
 
-class EngineRequestError(ValueError):
-    """A request this engine can never serve, whatever its load: a client error (HTTP 400)."""
+class EngineRequestError(InvalidRequestError):
+    """A request this engine can never serve, whatever its load: a client error."""
 
 
-class PromptTooLongError(EngineRequestError):
+class PromptTooLongError(EngineRequestError, ContextLengthExceededError):
     """The prompt does not fit the engine's ``max-model-len`` (or its whole KV cache)."""
 
 

@@ -21,10 +21,30 @@ class ServiceContext(dict):
             )
         return runtime
 
+    def linked(self, source: type, target: type) -> bool:
+        """Whether the graph this process serves has the edge ``source`` → ``target``.
+
+        False outside a graph (a service started from flags has no graph edges).
+        """
+        from servegrid.sdk.service import spec_of
+
+        graph = self.get("graph")
+        if graph is None:
+            return False
+        return spec_of(target).name in graph.edges.get(spec_of(source).name, [])
+
     @property
     def local_services(self) -> dict[str, Any]:
         """Instances of services hosted in this very process, by service name."""
         return self.setdefault("local_services", {})
+
+    def instance_id(self, service: str) -> int:
+        """The instance id this process registers ``service``'s endpoints under (known before
+        its ``async_on_start`` hooks run, so a service can announce itself by it)."""
+        ids = self.get("instance_ids") or {}
+        if service not in ids:
+            raise RuntimeError(f"service {service!r} is not hosted in this process")
+        return ids[service]
 
 
 servegrid_context = ServiceContext()

@@ -7,9 +7,11 @@ and free blocks allow, looking up their prompt's cached prefix first, (3) sleeps
 time of the timing model, then (4) marks the scheduled tokens computed, caches blocks that
 became full, and gives every sequence whose prompt is done one new token.
 
-Generated ids are pseudo-random (an LCG per sequence, seeded by ``seed`` or the request
-id), drawn from the vocabulary minus the special ids, so a run is reproducible and EOS is
-never produced: a sequence ends with ``"length"`` at ``max_tokens`` (or at
+Generated ids are pseudo-random: the id at position ``p`` of the sequence is a hash of
+(``seed``, or else the request id, and ``p``), drawn from the vocabulary minus the special
+ids. So a run is reproducible, and a request continued elsewhere with prompt + the tokens
+generated so far (a migrated stream) goes on with exactly the ids it would have produced.
+EOS is never produced: a sequence ends with ``"length"`` at ``max_tokens`` (or at
 ``max-model-len``), or with ``"stop"`` if it draws one of the request's ``stop_token_ids``.
 
 Outputs reach the consumer without a task per token: the loop appends ids to the
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from hashlib import blake2b
 
 from servegrid.engines.base import (
@@ -42,8 +44,9 @@ from servegrid.llm.kv_hash import block_hashes, hash_block
 log = logging.getLogger(__name__)
 
 _WAITING, _RUNNING, _DONE = 0, 1, 2
-_LCG_MUL = 6364136223846793005
-_LCG_ADD = 1442695040888963407
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
 _MIN_SLEEP_S = 0.001  # timers below the event loop's millisecond resolution only add jitter
 _MAX_LAG_S = 0.01  # how far the simulated clock may trail real time before it forgets
@@ -150,6 +153,9 @@ class MockerEngine(Engine):
             waiting_requests=len(self._waiting),
         )
 
+    def cached_block_hashes(self) -> list[int]:
+        return list(self._pool.cached)
+
     def prefix_hit_tokens(self, token_ids: list[int]) -> int:
         """Prompt tokens this engine's cache holds now (a worker's remote-prefill decision)."""
         if not self.config.enable_prefix_caching:
@@ -162,8 +168,13 @@ class MockerEngine(Engine):
             hits += 1
         return hits * self._bs
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        seq = self._submit(request)
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        return self._stream(lambda: self._submit(request))
+
+    async def _stream(self, start: Callable[[], _Seq]) -> AsyncIterator[EngineOutput]:
+        """Outputs of the sequence ``start()`` puts in the scheduler's hands (called on the
+        first iteration, so an iterator closed before it starts leaves nothing behind)."""
+        seq = start()
         loop = asyncio.get_running_loop()
         first = True
         try:
@@ -188,6 +199,14 @@ class MockerEngine(Engine):
     # -- submission and teardown -----------------------------------------------------
 
     def _submit(self, request: EngineRequest) -> _Seq:
+        seq = self._new_seq(request)
+        self._ensure_started()
+        self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def _new_seq(self, request: EngineRequest) -> _Seq:
+        """A checked, unscheduled sequence for ``request``."""
         if self._dead is not None:
             raise EngineDeadError(f"mocker: {self._dead}")
         cfg = self.config
@@ -216,13 +235,9 @@ class MockerEngine(Engine):
             digest = blake2b(request.request_id.encode(), digest_size=8).digest()
             rng = int.from_bytes(digest, "little")
         hashes = block_hashes(prompt, self._bs) if cfg.enable_prefix_caching else []
-        seq = _Seq(
+        return _Seq(
             prompt, sp.max_tokens, cfg.max_model_len, rng, frozenset(sp.stop_token_ids), hashes
         )
-        self._ensure_started()
-        self._waiting.append(seq)
-        self._wake.set()
-        return seq
 
     def _ensure_started(self) -> None:
         if self._task is None and self._dead is None:
@@ -237,6 +252,7 @@ class MockerEngine(Engine):
                 pass
         elif seq.status == _RUNNING:
             self._running.remove(seq)
+        if seq.blocks:  # running, or holding blocks reserved for KV computed elsewhere
             self._pool.release(seq.blocks)
             seq.blocks = []
         seq.status = _DONE
@@ -394,9 +410,11 @@ class MockerEngine(Engine):
                 self._commit_blocks(seq, computed // bs, stored)
             if computed < len(tokens):
                 continue  # chunked prefill: more prompt next step
-            rng = (seq.rng * _LCG_MUL + _LCG_ADD) & _MASK64
-            seq.rng = rng
-            token = allowed[(rng >> 33) % n_allowed]
+            # splitmix64 of (seed, position): the id depends on nothing a migration changes
+            z = (seq.rng + len(tokens) * _GOLDEN) & _MASK64
+            z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+            z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+            token = allowed[((z ^ (z >> 31)) >> 11) % n_allowed]
             tokens.append(token)
             seq.out.append(token)
             seq.generated += 1
