@@ -156,7 +156,7 @@ class Processor:
         if self.use_router:
             return await self.router.route(request)
         assert self._workers is not None
-        return await self.picker.route_when_held(request, self._workers)
+        return await self.picker.route_live(request, self._workers)
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:

@@ -11,6 +11,7 @@ adapter goes only to workers whose discovery metadata lists that adapter (engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 from servegrid.components.worker import Worker
 from servegrid.distributed.discovery.base import InstanceInfo
+from servegrid.distributed.errors import NoInstancesError
 from servegrid.engines.lora import holders
 from servegrid.errors import ModelNotFoundError, NoWorkersError
 from servegrid.kv_router.config import KvRouterConfig
@@ -48,9 +50,27 @@ class WorkerSet(Protocol):
 
     def instances(self) -> list[InstanceInfo]: ...
 
+    async def wait_for_instances(self, count: int = 1, timeout: float = 30.0) -> list[int]: ...
+
 
 class AdapterNotHeldError(ModelNotFoundError):
     """No live worker holds the LoRA adapter a request names (a 404 at the edge)."""
+
+
+# How long a request waits for a worker to appear before it is refused with 503. Covers the
+# moment after a worker (re)starts that this process's discovery watch has not yet seen, and
+# lets a migrating stream wait for a restarted worker instead of failing at once.
+WORKER_WAIT_S = 5.0
+
+
+async def live_worker_ids(workers: Any) -> list[int]:
+    """The live instances of a worker client; when there are none, wait briefly for one."""
+    ids = workers.instance_ids()
+    if ids:
+        return ids
+    with contextlib.suppress(NoInstancesError):
+        return await workers.wait_for_instances(1, WORKER_WAIT_S)
+    return []
 
 
 class WorkerPicker:
@@ -118,9 +138,12 @@ class WorkerPicker:
         )
         return RouteResponse(worker_id=decision.worker_id, overlap_blocks=decision.overlap_blocks)
 
-    async def route_when_held(self, request: RouteRequest, workers: WorkerSet) -> RouteResponse:
-        """``route``; a request for an adapter no worker announces yet waits for one up to
-        ``ADAPTER_WAIT_S`` (the frontend may have seen it announced a moment earlier)."""
+    async def route_live(self, request: RouteRequest, workers: WorkerSet) -> RouteResponse:
+        """``route``, waiting briefly when no worker is in view (up to ``WORKER_WAIT_S``) and
+        when none announces the request's adapter yet (up to ``ADAPTER_WAIT_S``: the frontend
+        may have seen it announced a moment earlier)."""
+        if not workers.instance_ids():
+            await live_worker_ids(workers)
         deadline = 0.0
         while True:
             try:
@@ -156,7 +179,7 @@ class Router:
     async def route(self, request: RouteRequest) -> RouteResponse:
         if self._workers is None:
             self._workers = await self.worker.client("generate")
-        return await self.picker.route_when_held(request, self._workers)
+        return await self.picker.route_live(request, self._workers)
 
     @endpoint()
     async def state(self, _: None = None) -> dict:
