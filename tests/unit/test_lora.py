@@ -218,3 +218,18 @@ def test_kv_router_finds_an_adapters_cached_blocks_by_their_salted_hashes():
     assert (answer.worker_id, answer.overlap_blocks) == (C, 4)
     base = picker.route(RouteRequest(PROMPT, "b"), workers)
     assert base.overlap_blocks == 0  # the adapter's blocks are no hit for the base model
+
+
+async def test_disaggregated_workers_prefill_adapter_requests_locally():
+    from servegrid.components.remote_prefill import DisaggSettings, RemotePrefill
+
+    engine = mocker()
+    await engine.load_lora("sql", "/a/sql")
+    # A prompt far over max-local-prefill-length would go to the prefill queue; with an
+    # adapter it stays here (prefill workers do not load adapters), with no queue touched.
+    remote = RemotePrefill(engine, DisaggSettings(max_local_prefill_length=1), ("ns", "Prefill"))
+    request = EngineRequest("r", PROMPT, SamplingParams(max_tokens=3, seed=7), "sql")
+    out = [t async for chunk in remote.generate(request) for t in chunk.token_ids]
+    assert len(out) == 3
+    assert remote.snapshot()["decisions"] == {"local_lora": 1}
+    await engine.stop()
