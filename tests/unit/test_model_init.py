@@ -13,6 +13,7 @@ import pytest
 
 from servegrid.llm.model_init import (
     BUILTIN_MODEL,
+    BUILTIN_REVISION,
     ModelNotFoundError,
     default_model_dir,
     ensure_model,
@@ -86,7 +87,7 @@ def test_init_model_refuses_to_overwrite_other_files(tmp_path):
 def test_ensure_model_builds_the_builtin_model_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setenv("SERVEGRID_HOME", str(tmp_path))
     path = ensure_model(BUILTIN_MODEL)
-    assert path == default_model_dir() == tmp_path / "models" / "tiny-chat"
+    assert path == default_model_dir() == tmp_path / "models" / f"tiny-chat-r{BUILTIN_REVISION}"
     assert (path / "tokenizer.json").is_file()
     assert not (path / "model.safetensors").exists()  # the mocker needs no weights
     assert ensure_model(BUILTIN_MODEL) == path

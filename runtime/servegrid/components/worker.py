@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from servegrid.engines.base import Engine, EngineOutput, EngineRequest
+from servegrid.engines.base import Engine, EngineConfigError, EngineOutput, EngineRequest
 from servegrid.engines.registry import create_engine
 from servegrid.kv_router.protocol import KV_BLOCKS_ENDPOINT, KvSnapshot
 from servegrid.kv_router.publisher import KvPublisher, start_publisher
 from servegrid.llm.model_init import BUILTIN_MODEL
 from servegrid.sdk import ServiceConfig, async_on_shutdown, async_on_start, endpoint, service
+from servegrid.sdk.errors import ConfigError
 from servegrid.sdk.service import spec_of
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ class Worker:
         self.engine_name = engine
         self.served_model_name = served_model_name or model
         settings = ServiceConfig.get_instance().settings(spec_of(type(self)).name)
-        self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        try:
+            self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        except EngineConfigError as exc:
+            # A config mistake: one line and no restart loop, not a traceback.
+            raise ConfigError(f"{spec_of(type(self)).name}: {exc}") from None
         self.kv_publisher: KvPublisher | None = None
 
     def instance_metadata(self) -> dict:
@@ -43,7 +48,10 @@ class Worker:
 
     @async_on_start
     async def start_engine(self) -> None:
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except EngineConfigError as exc:
+            raise ConfigError(f"{spec_of(type(self)).name}: {exc}") from None
         self.kv_publisher = await start_publisher(self, self.engine)
         log.info("engine %s serving model %s", self.engine_name, self.served_model_name)
 

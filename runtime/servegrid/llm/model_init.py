@@ -50,11 +50,16 @@ class ModelNotFoundError(Exception):
     """A configured model is not a usable local model directory."""
 
 
+# Bump when the files ``init_model`` writes change: a cached built-in model of an older
+# revision is then rebuilt beside it instead of being used with stale files.
+BUILTIN_REVISION = 2
+
+
 def default_model_dir() -> Path:
-    """Where the built-in model lives: ``$SERVEGRID_HOME/models/tiny-chat``."""
+    """Where the built-in model lives: ``$SERVEGRID_HOME/models/tiny-chat-r<revision>``."""
     home = os.environ.get("SERVEGRID_HOME")
     base = Path(home) if home else Path.home() / ".cache" / "servegrid"
-    return base / "models" / "tiny-chat"
+    return base / "models" / f"tiny-chat-r{BUILTIN_REVISION}"
 
 
 def _corpus_path() -> Path:
@@ -105,7 +110,7 @@ def _model_files(vocab_size: int, tokenizer_json: str) -> dict[str, str]:
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 2048,
+        "model_max_length": 4096,
     }
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -118,7 +123,7 @@ def _model_files(vocab_size: int, tokenizer_json: str) -> dict[str, str]:
         "num_key_value_heads": 4,
         "head_dim": 32,
         "hidden_act": "silu",
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "initializer_range": 0.02,

@@ -111,12 +111,13 @@ def merge_config(
     config file serves every node), but an override must name a service of the graph."""
     names = graph.names() if graph is not None else list(known_services or [])
     for service in overrides:
-        if service not in names and service not in yaml_config:
+        if service not in names and service not in yaml_config and service != COMMON_KEY:
             raise ConfigError(
                 f"override --{service}.…: service {service!r} is not in the graph "
                 f"(services: {', '.join(names)})"
             )
-    common = yaml_config.get(COMMON_KEY) or {}
+    # ``--Common.model=...`` overrides Common itself, and so every service that lists the key.
+    common = _deep_merge(yaml_config.get(COMMON_KEY) or {}, overrides.get(COMMON_KEY, {}))
     merged: dict[str, Any] = {}
     specs = {s.name: s for s in graph.services} if graph is not None else {}
     section_names = [n for n in yaml_config if n not in (GRAPH_KEY, COMMON_KEY)]

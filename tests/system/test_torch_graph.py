@@ -1,0 +1,146 @@
+"""configs/agg.yaml served with the torch engine on the tiny random Llama, over HTTP.
+
+The model directory is made by ``servegrid model init`` and chosen with ``--Common.model``,
+as a user would; both workers load it, so repeatable output across requests also means
+repeatable across processes (round-robin alternates between them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from servegrid.distributed.embedded_nats import free_port
+from tests.support.optional import require_modules
+from tests.support.serving import REPO, ServedGraph, serve
+
+require_modules("torch", "transformers", extra="torch")
+
+AGG = str(REPO / "configs" / "agg.yaml")
+WORKER_MAX_LEN = 96  # below the processor's, so the engine's own check is what answers
+
+
+class Graph:
+    def __init__(self, url: str, model: str, served: ServedGraph) -> None:
+        self.url = url
+        self.model = model
+        self.served = served
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
+    model = tmp_path_factory.mktemp("models") / "tiny-llama"
+    subprocess.run(
+        [sys.executable, "-m", "servegrid.cli", "model", "init", str(model)],
+        check=True,
+        timeout=120,
+    )
+    port = free_port()
+    env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path_factory.mktemp("discovery"))}
+    args = ["-f", AGG, f"--Frontend.port={port}", "--Frontend.host=127.0.0.1"]
+    args += [
+        "--Worker.engine=torch",
+        f"--Common.model={model}",
+        "--Common.max-model-len=512",
+        f"--Worker.max-model-len={WORKER_MAX_LEN}",
+        "--Worker.num-gpu-blocks=128",
+        "--Worker.device=cpu",
+    ]
+    with serve(args, env=env) as served:
+        # Each worker imports torch and loads the model before it registers.
+        served.wait_for_output("Worker ready", timeout=240, count=2)
+        served.wait_for_output("Frontend ready", timeout=60)
+        yield Graph(f"http://127.0.0.1:{port}", str(model), served)
+
+
+@pytest.fixture
+def client(graph: Graph) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{graph.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_the_model_directory(graph: Graph, client: openai.OpenAI):
+    assert [m.id for m in client.models.list().data] == [graph.model]
+    assert "engine torch serving model" in graph.served.text()
+
+
+def test_completion_and_chat_through_the_openai_client(graph: Graph, client: openai.OpenAI):
+    reply = client.completions.create(model=graph.model, prompt="Once upon a time", max_tokens=8)
+    assert reply.choices[0].text
+    assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(
+        model=graph.model,
+        messages=[{"role": "user", "content": "Tell me about rivers"}],
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_greedy_and_seeded_sampling_repeat_on_both_workers(graph: Graph, client: openai.OpenAI):
+    def ask(**sampling) -> str:
+        reply = client.completions.create(
+            model=graph.model, prompt="The river runs", max_tokens=16, **sampling
+        )
+        return reply.choices[0].text
+
+    # Four of each: round-robin sends two to each worker.
+    greedy = {ask(temperature=0.0) for _ in range(4)}
+    assert len(greedy) == 1
+    seeded = {ask(temperature=1.0, top_p=0.95, seed=11) for _ in range(4)}
+    assert len(seeded) == 1
+    assert seeded != greedy
+    assert ask(temperature=1.0, top_p=0.95, seed=12) not in seeded
+
+
+def test_concurrent_requests_get_the_tokens_they_get_alone(graph: Graph, client: openai.OpenAI):
+    prompts = [f"Story number {i} begins with" + " a long road" * i for i in range(6)]
+
+    def ask(prompt: str) -> str:
+        reply = client.completions.create(
+            model=graph.model, prompt=prompt, max_tokens=12, temperature=0.0
+        )
+        return reply.choices[0].text
+
+    serial = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent = list(pool.map(ask, prompts))
+    assert concurrent == serial
+
+
+def test_the_engines_max_model_len_is_a_client_error(graph: Graph, client: openai.OpenAI):
+    # Fits the processor's 512 but not the worker's 96: the engine itself refuses it.
+    body = {"model": graph.model, "prompt": "word " * 150, "max_tokens": 4}
+    response = httpx.post(f"{graph.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert f"max-model-len is {WORKER_MAX_LEN}" in response.json()["error"]["message"]
+    # and the worker keeps serving
+    ok = client.completions.create(model=graph.model, prompt="still there?", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_a_model_directory_without_weights_is_one_clear_line(tmp_path: Path):
+    model = tmp_path / "no-weights"
+    subprocess.run(
+        [sys.executable, "-m", "servegrid.cli", "model", "init", "--no-weights", str(model)],
+        check=True,
+        timeout=120,
+    )
+    port = free_port()
+    env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path / "discovery")}
+    args = ["-f", AGG, f"--Frontend.port={port}", "--Frontend.host=127.0.0.1"]
+    args += ["--Worker.engine=torch", f"--Common.model={model}", "--Worker.ServiceArgs.workers=1"]
+    with serve(args, env=env) as served:
+        served.proc.wait(timeout=180)
+    text = served.text()
+    assert f"{model} has no weights" in text and "servegrid model init --force" in text
+    assert "Traceback" not in text
