@@ -7,6 +7,7 @@ structured values.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Callable
@@ -107,6 +108,9 @@ def run_program(
     """Declare the program's resources under mocks; resolve the named outputs."""
     fresh_graph_modules()
     mocks = mocks if mocks is not None else RecordingMocks()
+    # Pulumi's mocks need a current event loop; an earlier asyncio test may have closed
+    # and unset the one this thread had, so each program gets a fresh one.
+    asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_mocks(mocks, project=project, stack="test", preview=False)
     pulumi.runtime.set_all_config(config)
     resolved: dict[str, Any] = {}
