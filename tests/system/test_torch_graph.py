@@ -1,12 +1,17 @@
-"""configs/agg.yaml served with the torch engine on the tiny random Llama, over HTTP.
+"""configs/agg.yaml and configs/disagg.yaml served with the torch engine on the tiny random
+Llama, over HTTP.
 
 The model directory is made by ``servegrid model init`` and chosen with ``--Common.model``,
-as a user would; both workers load it, so repeatable output across requests also means
-repeatable across processes (round-robin alternates between them).
+as a user would; both aggregated workers load it, so repeatable output across requests also
+means repeatable across processes (round-robin alternates between them). The disaggregated
+graph runs a decode Worker and a PrefillWorker in two processes: the prefill worker computes
+each prompt's KV and sends the tensors over the bulk TCP path, and the decode worker goes on
+from them; its greedy output must equal the aggregated graph's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,13 +22,17 @@ import httpx
 import openai
 import pytest
 
+from servegrid.distributed import env as env_names
 from servegrid.distributed.embedded_nats import free_port
+from servegrid.distributed.runtime import DistributedRuntime
 from tests.support.optional import require_modules
 from tests.support.serving import REPO, ServedGraph, serve
 
 require_modules("torch", "transformers", extra="torch")
 
 AGG = str(REPO / "configs" / "agg.yaml")
+DISAGG = str(REPO / "configs" / "disagg.yaml")
+DISAGG_NAMESPACE = "servegrid"  # the services' default namespace, also set explicitly
 WORKER_MAX_LEN = 96  # below the processor's, so the engine's own check is what answers
 
 
@@ -35,13 +44,18 @@ class Graph:
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
-    model = tmp_path_factory.mktemp("models") / "tiny-llama"
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
     subprocess.run(
-        [sys.executable, "-m", "servegrid.cli", "model", "init", str(model)],
+        [sys.executable, "-m", "servegrid.cli", "model", "init", str(path)],
         check=True,
         timeout=120,
     )
+    return path
+
+
+@pytest.fixture(scope="module")
+def graph(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
     port = free_port()
     env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path_factory.mktemp("discovery"))}
     args = ["-f", AGG, f"--Frontend.port={port}", "--Frontend.host=127.0.0.1"]
@@ -144,3 +158,86 @@ def test_a_model_directory_without_weights_is_one_clear_line(tmp_path: Path):
     text = served.text()
     assert f"{model} has no weights" in text and "servegrid model init --force" in text
     assert "Traceback" not in text
+
+
+# -- disaggregated: configs/disagg.yaml, prefill and decode in two processes --------------
+
+
+class DisaggGraph(Graph):
+    def __init__(self, url: str, model: str, served: ServedGraph, env: dict[str, str]) -> None:
+        super().__init__(url, model, served)
+        self.env = env
+
+
+@pytest.fixture(scope="module")
+def disagg(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisaggGraph]:
+    port = free_port()
+    env = {
+        env_names.SERVEGRID_DISCOVERY_DIR: str(tmp_path_factory.mktemp("disagg-discovery")),
+        env_names.SERVEGRID_NAMESPACE: DISAGG_NAMESPACE,
+    }
+    args = ["-f", DISAGG, f"--Frontend.port={port}", "--Frontend.host=127.0.0.1"]
+    args += [
+        "--Worker.engine=torch",
+        "--PrefillWorker.engine=torch",
+        f"--Common.model={model}",
+        "--Common.max-model-len=512",
+        # Every test prompt is longer: all of them are prefilled by the PrefillWorker.
+        "--Worker.max-local-prefill-length=8",
+        "--Worker.num-gpu-blocks=128",
+        "--PrefillWorker.num-gpu-blocks=128",
+    ]
+    with serve(args, env=env) as served:
+        served.wait_for_output("PrefillWorker ready", timeout=240)
+        served.wait_for_output("Worker ready", timeout=240)
+        served.wait_for_output("Frontend ready", timeout=60)
+        yield DisaggGraph(f"http://127.0.0.1:{port}", str(model), served, env)
+
+
+async def disagg_state(graph: DisaggGraph) -> tuple[dict, list[dict]]:
+    """The decode Worker's ``disagg_stats`` and the PrefillWorker's ``status``."""
+    runtime = await DistributedRuntime.from_env()
+    try:
+        stats_client = await runtime.client(DISAGG_NAMESPACE, "Worker", "disagg_stats")
+        await stats_client.wait_for_instances(1, timeout=30)
+        stats = await (await stats_client.round_robin(None)).single()
+        status_client = await runtime.client(DISAGG_NAMESPACE, "PrefillWorker", "status")
+        ids = await status_client.wait_for_instances(1, timeout=30)
+        statuses = [await (await status_client.direct(None, i)).single() for i in ids]
+        return stats, statuses
+    finally:
+        await runtime.shutdown(drain_timeout=0)
+
+
+def test_disaggregated_greedy_output_equals_aggregated_and_kv_bytes_cross(
+    graph: Graph, disagg: DisaggGraph, monkeypatch: pytest.MonkeyPatch
+):
+    prompts = [
+        "The lighthouse keeper counted the ships that passed in the night",
+        "Rivers carry stones to the sea, one grain at a time, for ever",
+        "A short one, but still longer than eight tokens",
+    ]
+
+    def ask(url: str, prompt: str) -> str:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.completions.create(
+            model=graph.model, prompt=prompt, max_tokens=12, temperature=0.0
+        )
+        assert reply.usage.completion_tokens == 12
+        return reply.choices[0].text
+
+    aggregated = [ask(graph.url, p) for p in prompts]
+    disaggregated = [ask(disagg.url, p) for p in prompts]
+    assert disaggregated == aggregated
+
+    for key, value in disagg.env.items():
+        monkeypatch.setenv(key, value)
+    stats, statuses = asyncio.run(disagg_state(disagg))
+    # Every prompt was prefilled in the PrefillWorker's process and its KV shipped whole.
+    assert stats["decisions"].get("remote", 0) == len(prompts), stats
+    assert stats["transfers_received"] == len(prompts)
+    sent = [h for status in statuses for h in status["handled"] if h["outcome"] == "sent"]
+    assert len(sent) == len(prompts)
+    assert stats["bytes_received"] == sum(h["logical_bytes"] for h in sent) > 0
+    # 4 layers x K,V x 4 KV heads x 32 x float32 = 4 KiB a token, in whole 16-token blocks
+    assert all(h["logical_bytes"] % (16 * 4096) == 0 for h in sent)

@@ -25,7 +25,10 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from servegrid.engines.base import (
     Engine,
@@ -37,7 +40,9 @@ from servegrid.engines.base import (
     KvEventSink,
     LoadMetrics,
     PromptTooLongError,
+    SamplingParams,
 )
+from servegrid.engines.disagg import KvLayout, KvReservation, KvTransferEngine, PrefilledKv
 from servegrid.engines.torch.config import TorchConfig
 from servegrid.engines.torch.kv_cache import PagedKvCache
 from servegrid.engines.torch.runner import BatchRow, ModelRunner
@@ -70,6 +75,7 @@ class Seq:
         "generated",
         "generator",
         "hashes",
+        "keep_blocks",
         "max_len",
         "max_tokens",
         "num_committed",
@@ -105,9 +111,19 @@ class Seq:
         self.finish: str | None = None
         self.error: str | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # A prefill for another worker: its blocks outlive the sequence until shipped.
+        self.keep_blocks = False
 
 
-class TorchEngine(Engine):
+@dataclass(eq=False)
+class _Staging:
+    """A CUDA engine's host-side copy of blocks in transit (CPU engines need none)."""
+
+    block_ids: list[int]
+    tensor: torch.Tensor
+
+
+class TorchEngine(Engine, KvTransferEngine):
     def __init__(self, config: TorchConfig, model_dir: Path) -> None:
         self.config = config
         self.model_dir = model_dir
@@ -124,6 +140,7 @@ class TorchEngine(Engine):
         self._stepping: set[Seq] = set()  # in the step the compute thread runs now
         self._deferred_release: list[list[int]] = []  # blocks of sequences aborted mid-step
         self._sink: KvEventSink | None = None
+        self._staged: dict[int, _Staging] = {}  # reservation id -> host copy (CUDA only)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dead: str | None = "the engine is not started"
@@ -209,6 +226,152 @@ class TorchEngine(Engine):
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         seq = self._new_seq(request)
         return self._stream(seq, self._enqueue)
+
+    # -- disaggregation: KV computed here for another worker, or received from one ---------
+
+    def kv_layout(self) -> KvLayout:
+        shape = self.runner.shape
+        if shape is None:
+            raise EngineDeadError("torch engine: the engine is not started")
+        size = torch.empty((), dtype=self.runner.dtype).element_size()
+        return KvLayout(shape.num_layers, shape.num_kv_heads, shape.head_dim, size)
+
+    def reserve_kv(self, request: EngineRequest) -> KvReservation | None:
+        seq = self._new_seq(request)
+        assert self._cache is not None
+        pool, bs = self._cache.pool, self._bs
+        num_tokens = len(seq.tokens) - 1  # the last prompt token is computed here
+        hit: list[int] = []
+        if self.config.enable_prefix_caching:
+            hit = pool.acquire_prefix(seq.hashes[: num_tokens // bs])
+        first = len(hit) * bs
+        need = -(-num_tokens // bs) - len(hit)
+        if first >= num_tokens or need > pool.num_available:
+            pool.release(hit)
+            return None
+        seq.blocks = hit + [pool.allocate() for _ in range(need)]
+        seq.num_computed = first
+        seq.num_committed = len(hit)
+        seq.cached_tokens = first
+        seq.status = RESERVED
+        self._emit_events()  # allocating may have evicted cached blocks
+        return KvReservation(request, first, num_tokens, seq.blocks[len(hit) :], seq)
+
+    def kv_buffers(self, reservation: KvReservation, sizes: list[int]) -> list[memoryview]:
+        seq: Seq = reservation.state
+        self._check_reserved(reservation)
+        assert self._cache is not None
+        per_block = self._cache.bytes_per_block
+        blocks = reservation.block_ids
+        if sizes != [per_block] * len(blocks):
+            raise EngineRequestError(
+                f"request {seq.request_id}: {len(sizes)} segments of {sorted(set(sizes))} bytes "
+                f"arrived for {len(blocks)} blocks of {per_block}; prefill and decode workers "
+                "must run the same model, dtype and block-size"
+            )
+        if self.runner.device.type == "cpu":
+            return [_bytes_of(self._cache.tensor[b]) for b in blocks]
+        # A GPU cache is filled from host memory in commit_kv.
+        staging = torch.empty(
+            (len(blocks), *self._cache.tensor.shape[1:]), dtype=self.runner.dtype, pin_memory=True
+        )
+        reservation_state = _Staging(list(blocks), staging)
+        self._staged[id(reservation)] = reservation_state
+        return [_bytes_of(staging[i]) for i in range(len(blocks))]
+
+    def commit_kv(self, reservation: KvReservation) -> None:
+        seq: Seq = reservation.state
+        self._check_reserved(reservation)
+        assert self._cache is not None
+        staged = self._staged.pop(id(reservation), None)
+        if staged is not None:
+            index = torch.tensor(staged.block_ids, device=self.runner.device)
+            self._cache.tensor[index] = staged.tensor.to(self.runner.device)
+        seq.num_computed = reservation.num_tokens
+        if self.config.enable_prefix_caching:
+            # The received blocks are this worker's now: "stored", like a local prefill's.
+            self._commit_blocks(seq, reservation.num_tokens // self._bs)
+        reservation.committed = True
+        self._emit_events()
+
+    def generate_reserved(self, reservation: KvReservation) -> AsyncIterator[EngineOutput]:
+        if not reservation.committed:
+            raise EngineRequestError(
+                f"request {reservation.request.request_id}: no KV was committed to decode from"
+            )
+        self._check_reserved(reservation)
+        return self._stream(reservation.state, self._resume)
+
+    def release_kv(self, reservation: KvReservation) -> None:
+        seq: Seq = reservation.state
+        self._staged.pop(id(reservation), None)
+        if seq.status == RESERVED:
+            self._release(seq)
+            seq.status = DONE
+            self._emit_events()
+            self._wake.set()  # waiting sequences may fit now
+
+    async def prefill_kv(
+        self, request: EngineRequest, first_token: int, num_tokens: int
+    ) -> PrefilledKv:
+        # A real prefill through the scheduler, batched with this worker's other work; the
+        # sequence keeps its blocks past its one sampled token until the transfer is done.
+        prefill = EngineRequest(
+            request.request_id,
+            request.token_ids,
+            SamplingParams(max_tokens=1, ignore_eos=True),
+        )
+        seq = self._new_seq(prefill)
+        seq.keep_blocks = True
+        async for _ in self._stream(seq, self._enqueue):
+            pass
+        assert self._cache is not None
+        if seq.num_computed < num_tokens:
+            # The cache could not hold the prompt (it ended "length" before computing it).
+            self._cache.pool.release(seq.blocks)
+            seq.blocks = []
+            raise PromptTooLongError(
+                f"request {request.request_id}: this prefill worker's KV cache cannot hold "
+                f"the prompt's {num_tokens} tokens"
+            )
+        bs = self._bs
+        blocks = seq.blocks[first_token // bs : -(-num_tokens // bs)]
+        if self.runner.device.type == "cpu":
+            segments = [_bytes_of(self._cache.tensor[b]) for b in blocks]
+        else:
+            index = torch.tensor(blocks, device=self.runner.device)
+            host = self._cache.tensor[index].to("cpu")
+            segments = [_bytes_of(host[i]) for i in range(len(blocks))]
+        held, seq.blocks = seq.blocks, []
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                assert self._cache is not None
+                self._cache.pool.release(held)
+                self._emit_events()
+                self._wake.set()
+
+        size = sum(len(s) for s in segments)
+        return PrefilledKv(first_token, num_tokens, size, segments, release)
+
+    def _check_reserved(self, reservation: KvReservation) -> None:
+        if reservation.state.status != RESERVED:
+            raise EngineRequestError(
+                f"request {reservation.request.request_id}: the KV reservation was released"
+            )
+
+    def _resume(self, seq: Seq) -> None:
+        if seq.status != RESERVED:
+            raise EngineRequestError(f"request {seq.request_id}: the reservation was released")
+        # Running at once: the next step computes the last prompt token (a one-token
+        # prefill over the received KV) and samples the first output token from it.
+        seq.status = RUNNING
+        self._running.append(seq)
+        self._ensure_started()
+        self._wake.set()
 
     # -- submission and teardown -----------------------------------------------------
 
@@ -311,7 +474,8 @@ class TorchEngine(Engine):
 
     def _finish(self, seq: Seq, reason: str, error: str | None = None) -> None:
         """End a sequence the scheduler owns; the caller removes it from ``_running``."""
-        self._release(seq)
+        if not (seq.keep_blocks and error is None and reason in ("stop", "length")):
+            self._release(seq)
         seq.status = DONE
         seq.finish = reason
         seq.error = error
@@ -559,3 +723,8 @@ class TorchEngine(Engine):
             stored, pool.stored = pool.stored, []
             for hashes, parent in stored:
                 sink(KvEvent("stored", hashes, parent))
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
