@@ -54,6 +54,14 @@ def serve(
     working_dir: Annotated[
         Path | None, typer.Option("--working-dir", help="Directory to import the graph from")
     ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            help="Run the graph in this namespace (graphs naming the same one share workers; "
+            "default: a namespace of its own)",
+        ),
+    ] = None,
 ) -> None:
     """Start every service of a graph (override settings with --Service.key=value)."""
     from servegrid.cli.loader import load_graph
@@ -67,7 +75,7 @@ def serve(
         if dry_run:
             print_dry_run(loaded)
             return
-        run_serve(loaded, names, workdir)
+        run_serve(loaded, names, workdir, namespace)
     except UserError as exc:
         _fail(str(exc))
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from servegrid.components.worker import Worker
-from servegrid.http.errors import NoWorkersError
+from servegrid.errors import NoWorkersError
 from servegrid.kv_router.config import KvRouterConfig
 from servegrid.kv_router.router import KvRouter, start_kv_router
 from servegrid.llm.protocol import RouteRequest, RouteResponse
@@ -25,7 +25,7 @@ from servegrid.sdk import (
     service,
 )
 from servegrid.sdk.errors import ConfigError
-from servegrid.sdk.service import _address, spec_of
+from servegrid.sdk.service import address, spec_of
 
 ROUTER_MODES = ("random", "round-robin", "kv")
 
@@ -52,7 +52,7 @@ class WorkerPicker:
 
     async def start(self, worker_service: type) -> None:
         if self.kv_config is not None and self.kv is None:
-            namespace, component = _address(worker_service)
+            namespace, component = address(worker_service)
             self.kv = await start_kv_router(self.kv_config, namespace, component)
 
     async def stop(self) -> None:

@@ -18,9 +18,9 @@ SERVEGRID_BIND_HOST = "SERVEGRID_BIND_HOST"
 SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
 # Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
-
-# The graph's namespace, set explicitly (owner: h-life); unset, embedded mode isolates each
-# `servegrid serve` and cluster mode derives it from the config.
+# The graph's namespace, set on purpose (``servegrid serve --namespace`` too); graphs naming
+# the same one share workers. Unset, each embedded-mode ``servegrid serve`` gets one of its
+# own, and in cluster mode it is derived from the config (see cli/namespace.py).
 SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
 # The cluster secret (owner: h-plane): a file holding it (owned by the user, mode 0600 or
 # stricter), or the value itself.
@@ -32,6 +32,11 @@ SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"
 SERVEGRID_GRAPH = "SERVEGRID_GRAPH"
 SERVEGRID_SERVICES = "SERVEGRID_SERVICES"
 SERVEGRID_WORKER_INDEX = "SERVEGRID_WORKER_INDEX"
+SERVEGRID_WORKING_DIR = "SERVEGRID_WORKING_DIR"
+# Where the built-in model is built (default ``~/.cache/servegrid``).
+SERVEGRID_HOME = "SERVEGRID_HOME"
+# Log level of service processes (DEBUG, INFO, WARNING...).
+SERVEGRID_LOG_LEVEL = "SERVEGRID_LOG_LEVEL"
 
 DEFAULT_LEASE_TTL = 10.0
 
@@ -61,6 +66,11 @@ def lease_ttl() -> float:
     if ttl <= 0:
         raise ValueError(f"{SERVEGRID_LEASE_TTL}={raw!r} must be positive, e.g. 10")
     return ttl
+
+
+def explicit_namespace() -> str | None:
+    """``SERVEGRID_NAMESPACE`` if set (and not blank)."""
+    return os.environ.get(SERVEGRID_NAMESPACE, "").strip() or None
 
 
 def discovery_dir() -> Path:

@@ -22,6 +22,8 @@ class InstanceUnavailableError(RuntimeErrorBase):
 class ConnectionLostError(RuntimeErrorBase):
     """The connection to an instance broke after the stream had produced responses."""
 
+    instance_id: int | None = None  # set by EndpointClient.call_with_retry
+
 
 class RemoteError(RuntimeErrorBase):
     """The remote handler raised; ``code`` names the kind, ``message`` says what happened."""

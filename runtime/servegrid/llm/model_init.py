@@ -20,6 +20,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from servegrid.distributed import env
 from servegrid.llm.tiny_weights import WEIGHTS_FILE, write_weights
 
 # The one name configs use for the model servegrid builds itself.
@@ -57,7 +58,7 @@ BUILTIN_REVISION = 2
 
 def default_model_dir() -> Path:
     """Where the built-in model lives: ``$SERVEGRID_HOME/models/tiny-chat-r<revision>``."""
-    home = os.environ.get("SERVEGRID_HOME")
+    home = os.environ.get(env.SERVEGRID_HOME)
     base = Path(home) if home else Path.home() / ".cache" / "servegrid"
     return base / "models" / f"tiny-chat-r{BUILTIN_REVISION}"
 

@@ -29,6 +29,7 @@ from servegrid.distributed.transport.frames import (
     encode_payload,
     frame,
 )
+from servegrid.errors import from_remote
 
 _END = object()
 
@@ -127,6 +128,8 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         self._flush_scheduled = False
         self._connecting: asyncio.Future | None = None
         self.closed = False
+        # The instance left discovery (it is draining): close once its last stream ends.
+        self.retired = False
 
     async def connect(self, timeout: float = 5.0) -> None:
         if self._transport is not None:
@@ -167,22 +170,23 @@ class Connection(CoalescingWriter, asyncio.Protocol):
                 continue  # cancelled by us; late frames are dropped
             if kind == Kind.DATA:
                 stream._push(decode_payload(body))
-            elif kind == Kind.LAST:
-                del streams[stream_id]
+                continue
+            del streams[stream_id]
+            if kind == Kind.LAST:
                 stream._push(decode_payload(body))
                 stream._push(_END)
             elif kind == Kind.END:
-                del streams[stream_id]
                 stream._push(_END)
             elif kind == Kind.ERROR:
-                del streams[stream_id]
                 code, message = decode_payload(body)
                 error = (
                     EndpointNotFoundError(message)
                     if code == "endpoint_not_found"
-                    else RemoteError(code, message)
+                    else from_remote(code, message) or RemoteError(code, message)
                 )
                 stream._fail(error)
+        if self.retired and not streams:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -200,15 +204,26 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         if self.closed or self._transport is None:
             raise InstanceUnavailableError(self.instance_id, "connection closed")
         stream_id = self._next_id
+        # Encode before registering: a payload that cannot be encoded raises here and must not
+        # leave a stream record behind that nobody will ever end.
+        request = frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload)))
         self._next_id = (stream_id + 1) & 0xFFFFFFFF or 1
         stream = ResponseStream(self, stream_id, response_type)
         self._streams[stream_id] = stream
-        self._send(frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload))))
+        self._send(request)
         return stream
 
     def _cancel(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is not None and not self.closed:
             self._send(frame(Kind.CANCEL, stream_id))
+            if self.retired and not self._streams:
+                self._loop.call_soon(self.close)  # after the CANCEL frame is flushed
+
+    def retire(self) -> None:
+        """No new streams will be sent here; close when the open ones have ended."""
+        self.retired = True
+        if not self._streams:
+            self.close()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -236,9 +251,20 @@ class ConnectionPool:
         return conn
 
     def drop(self, instance_id: int) -> None:
+        """Close the instance's connection now (it failed): its streams fail too."""
         conn = self._conns.pop(instance_id, None)
         if conn is not None:
             conn.close()
+
+    def retire(self, instance_id: int) -> None:
+        """The instance left discovery: keep its connection until its streams end.
+
+        A draining instance deregisters first and then finishes what it has in flight;
+        closing the connection here would cut exactly the streams it is draining.
+        """
+        conn = self._conns.pop(instance_id, None)
+        if conn is not None:
+            conn.retire()
 
     def close(self) -> None:
         for conn in self._conns.values():

@@ -27,6 +27,7 @@ from servegrid.distributed.transport.frames import (
     encode_payload,
     frame,
 )
+from servegrid.errors import ServegridError
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,10 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # The caller maps the code back to an error class (components/errors.py): an
+            # The caller maps the code back to a domain error (servegrid/errors.py): an
             # explicit ``code`` attribute, else the exception's class name.
             code = getattr(exc, "code", None) or type(exc).__name__
-            if not isinstance(exc, ValueError):  # client errors are not server faults
+            if not isinstance(exc, ValueError | ServegridError):  # expected, not faults
                 log.exception("handler for stream %d failed", stream_id)
             self._error(stream_id, str(code), str(exc))
         finally:
