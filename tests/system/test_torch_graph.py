@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,22 @@ AGG = str(REPO / "configs" / "agg.yaml")
 DISAGG = str(REPO / "configs" / "disagg.yaml")
 DISAGG_NAMESPACE = "servegrid"  # the services' default namespace, also set explicitly
 WORKER_MAX_LEN = 96  # below the processor's, so the engine's own check is what answers
+
+
+def wait_listed(url: str, model: str, served: ServedGraph, timeout: float = 60.0) -> None:
+    """Until the frontend lists ``model`` (it learns of workers through discovery)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            listed = httpx.get(f"{url}/v1/models", timeout=5).json().get("data", [])
+            if any(m.get("id") == model for m in listed):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        if served.proc.poll() is not None:
+            raise AssertionError(f"servegrid serve exited:\n{served.text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"{model} not listed by {url}/v1/models in {timeout}s")
 
 
 class Graph:
@@ -71,6 +88,7 @@ def graph(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gra
         # Each worker imports torch and loads the model before it registers.
         served.wait_for_output("Worker ready", timeout=240, count=2)
         served.wait_for_output("Frontend ready", timeout=60)
+        wait_listed(f"http://127.0.0.1:{port}", str(model), served)
         yield Graph(f"http://127.0.0.1:{port}", str(model), served)
 
 
@@ -191,6 +209,7 @@ def disagg(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Di
         served.wait_for_output("PrefillWorker ready", timeout=240)
         served.wait_for_output("Worker ready", timeout=240)
         served.wait_for_output("Frontend ready", timeout=60)
+        wait_listed(f"http://127.0.0.1:{port}", str(model), served)
         yield DisaggGraph(f"http://127.0.0.1:{port}", str(model), served, env)
 
 
