@@ -44,7 +44,11 @@ def read_safetensors_parameters(path: Path) -> int:
 
 
 def read_all(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_init_model_writes_a_hugging_face_directory(tmp_path):

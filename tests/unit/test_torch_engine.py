@@ -30,7 +30,7 @@ from servegrid.engines.base import (  # noqa: E402
 from servegrid.engines.registry import create_engine  # noqa: E402
 from servegrid.engines.torch import TorchEngine  # noqa: E402
 from servegrid.llm.kv_hash import block_hashes  # noqa: E402
-from servegrid.llm.model_init import init_model  # noqa: E402
+from servegrid.llm.model_init import TINY_LORA_NAME, init_model, tiny_lora_dir  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -61,6 +61,7 @@ async def engine(model_dir: Path) -> AsyncIterator[TorchEngine]:
             "max-model-len": MAX_LEN,
             # Small enough that the longest prompt is prefilled in two chunks.
             "max-num-batched-tokens": 32,
+            "lora-adapters": {TINY_LORA_NAME: str(tiny_lora_dir(model_dir))},
         },
     )
     assert isinstance(eng, TorchEngine)
@@ -230,3 +231,59 @@ async def test_forward_passes_run_off_the_event_loop(engine: TorchEngine, monkey
     await collect(engine, greedy("thread", PROMPTS[1], 3))
     assert threads and all(name.startswith("torch-engine") for name in threads)
     assert threading.current_thread().name not in threads
+
+
+# -- LoRA adapters -----------------------------------------------------------------------
+
+
+def with_lora(rid: str, prompt: list[int], lora: str | None, n: int = 12) -> EngineRequest:
+    return EngineRequest(rid, prompt, SamplingParams(max_tokens=n), lora_name=lora)
+
+
+async def test_a_lora_adapter_changes_the_output_and_leaves_the_base_alone(engine: TorchEngine):
+    assert engine.lora_names() == [TINY_LORA_NAME]
+    base, _ = await collect(engine, with_lora("l-base", PROMPTS[0], None))
+    adapted, _ = await collect(engine, with_lora("l-a", PROMPTS[0], TINY_LORA_NAME))
+    again, _ = await collect(engine, with_lora("l-b", PROMPTS[0], TINY_LORA_NAME))
+    assert adapted != base
+    assert adapted == again
+    assert (await collect(engine, with_lora("l-base2", PROMPTS[0], None)))[0] == base
+
+
+async def test_caches_of_different_adapters_never_mix(engine: TorchEngine):
+    prompt = list(range(700, 740))  # two full blocks
+    engine.events.clear()
+    _, base_out = await collect(engine, with_lora("c-base", prompt, None, 2))
+    _, lora_out = await collect(engine, with_lora("c-lora", prompt, TINY_LORA_NAME, 2))
+    assert base_out[0].cached_tokens == 0
+    assert lora_out[0].cached_tokens == 0  # the base's blocks of the same prompt are not reused
+    salted = block_hashes(prompt, BLOCK, salt=TINY_LORA_NAME)
+    stored = [h for e in engine.events if e.kind == "stored" for h in e.block_hashes]
+    assert set(salted) <= set(stored) and not set(salted) & set(block_hashes(prompt, BLOCK))
+    _, lora_again = await collect(engine, with_lora("c-lora2", prompt, TINY_LORA_NAME, 2))
+    assert lora_again[0].cached_tokens == 32
+
+
+async def test_mixed_adapter_requests_batch_like_serial(engine: TorchEngine):
+    requests = [
+        with_lora(f"m{i}", p, TINY_LORA_NAME if i % 2 else None) for i, p in enumerate(PROMPTS)
+    ]
+    serial = [(await collect(engine, r))[0] for r in requests]
+    again = [with_lora(f"m2-{i}", r.token_ids, r.lora_name) for i, r in enumerate(requests)]
+    together = await asyncio.gather(*(collect(engine, r) for r in again))
+    assert [t for t, _ in together] == serial
+
+
+async def test_adapters_load_at_run_time_and_unknown_ones_are_client_errors(
+    engine: TorchEngine, model_dir: Path
+):
+    with pytest.raises(EngineRequestError, match="'other' is not loaded"):
+        engine.generate(with_lora("u", PROMPTS[1], "other"))
+    await engine.load_lora("other", str(tiny_lora_dir(model_dir)))
+    assert engine.lora_names() == ["other", TINY_LORA_NAME]
+    same, _ = await collect(engine, with_lora("o1", PROMPTS[1], "other"))
+    assert same == (await collect(engine, with_lora("o2", PROMPTS[1], TINY_LORA_NAME)))[0]
+    from servegrid.engines.base import EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="PEFT directory"):
+        await engine.load_lora("broken", str(model_dir / "nowhere"))

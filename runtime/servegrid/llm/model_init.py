@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from servegrid.distributed import env
-from servegrid.llm.tiny_weights import WEIGHTS_FILE, write_weights
+from servegrid.llm.tiny_weights import WEIGHTS_FILE, write_lora, write_weights
 
 # The one name configs use for the model servegrid builds itself.
 BUILTIN_MODEL = "servegrid/tiny-chat"
@@ -45,6 +45,13 @@ CHAT_TEMPLATE = (
 )
 
 REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json")
+# With weights, init_model also writes a LoRA adapter for them, here inside the model dir.
+TINY_LORA_NAME = "tiny-lora"
+
+
+def tiny_lora_dir(model_dir: Path) -> Path:
+    """Where ``init_model`` puts the tiny model's LoRA adapter (PEFT format)."""
+    return Path(model_dir) / "adapters" / TINY_LORA_NAME
 
 
 class ModelNotFoundError(Exception):
@@ -192,7 +199,12 @@ def init_model(
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         if weights:
-            write_weights(tmp, json.loads(files["config.json"]))
+            config = json.loads(files["config.json"])
+            write_weights(tmp, config)
+            adapter = tiny_lora_dir(tmp)
+            adapter.mkdir(parents=True)
+            # The base named by name, not path: the files stay the same wherever they are.
+            write_lora(adapter, config, TINY_LORA_NAME, BUILTIN_MODEL)
         # Only --force replaces; otherwise a directory that appeared meanwhile is another
         # process's identical model, and deleting it would pull it from under its readers.
         if force and directory.exists():

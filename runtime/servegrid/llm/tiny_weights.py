@@ -53,10 +53,7 @@ def tensor_shapes(config: Mapping[str, Any]) -> Iterator[tuple[str, tuple[int, .
     yield "model.norm.weight", (hidden,)
 
 
-def _values(name: str, count: int) -> array:
-    if name.endswith("norm.weight"):
-        return array("f", [1.0]) * count  # RMSNorm scales start at one
-    std = EMBED_STD if "embed_tokens" in name else LINEAR_STD
+def _uniform(name: str, count: int, std: float) -> array:
     scale = std * _SQRT3 / _INT16_SPAN
     raw = array("h", shake_256(_SEED + name.encode()).digest(2 * count))
     if sys.byteorder != "little":
@@ -64,30 +61,86 @@ def _values(name: str, count: int) -> array:
     return array("f", [v * scale for v in raw])
 
 
-def write_weights(directory: Path, config: Mapping[str, Any]) -> int:
-    """Write ``model.safetensors`` for ``config`` into ``directory``; return the parameters."""
+def _values(name: str, count: int) -> array:
+    if name.endswith("norm.weight"):
+        return array("f", [1.0]) * count  # RMSNorm scales start at one
+    return _uniform(name, count, EMBED_STD if "embed_tokens" in name else LINEAR_STD)
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], array]]) -> int:
+    """Write float32 ``(name, shape, values)`` tensors as one safetensors file; return values."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    tensors: list[array] = []
     offset = 0
-    for name, shape in tensor_shapes(config):
-        count = 1
-        for dim in shape:
-            count *= dim
-        values = _values(name, count)
-        if sys.byteorder != "little":
-            values.byteswap()  # safetensors is little-endian
-        tensors.append(values)
+    for name, shape, values in tensors:
         header[name] = {
             "dtype": "F32",
             "shape": list(shape),
-            "data_offsets": [offset, offset + 4 * count],
+            "data_offsets": [offset, offset + 4 * len(values)],
         }
-        offset += 4 * count
+        offset += 4 * len(values)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    with open(directory / WEIGHTS_FILE, "wb") as out:
+    with open(path, "wb") as out:
         out.write(len(head).to_bytes(8, "little"))
         out.write(head)
-        for values in tensors:
+        for _, _, values in tensors:
+            if sys.byteorder != "little":
+                values = array("f", values)
+                values.byteswap()  # safetensors is little-endian
             values.tofile(out)
     return offset // 4
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def write_weights(directory: Path, config: Mapping[str, Any]) -> int:
+    """Write ``model.safetensors`` for ``config`` into ``directory``; return the parameters."""
+    tensors = [(name, shape, _values(name, _count(shape))) for name, shape in tensor_shapes(config)]
+    return write_safetensors(directory / WEIGHTS_FILE, tensors)
+
+
+# A PEFT-format LoRA adapter for the tiny model: rank 8 on the attention projections. Its
+# B matrices are random, not zero as in training's initialisation, so the adapter visibly
+# changes what the model generates.
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_STD = 0.1
+LORA_CONFIG_FILE = "adapter_config.json"
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def write_lora(directory: Path, config: Mapping[str, Any], name: str, base_model: str) -> int:
+    """Write a LoRA adapter ``name`` for ``config`` into ``directory``; return its values."""
+    shapes = dict(tensor_shapes(config))
+    tensors: list[tuple[str, tuple[int, ...], array]] = []
+    for i in range(int(config["num_hidden_layers"])):
+        for target in LORA_TARGETS:
+            out_features, in_features = shapes[f"model.layers.{i}.self_attn.{target}.weight"]
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{target}"
+            for part, shape in (
+                ("lora_A", (LORA_RANK, in_features)),
+                ("lora_B", (out_features, LORA_RANK)),
+            ):
+                key = f"{prefix}.{part}.weight"
+                tensors.append((key, shape, _uniform(f"{name}:{key}", _count(shape), LORA_STD)))
+    adapter_config = {
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "peft_type": "LORA",
+        "r": LORA_RANK,
+        "target_modules": list(LORA_TARGETS),
+        "task_type": "CAUSAL_LM",
+    }
+    (directory / LORA_CONFIG_FILE).write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    return write_safetensors(directory / LORA_WEIGHTS_FILE, tensors)

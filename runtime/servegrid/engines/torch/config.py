@@ -30,6 +30,8 @@ class TorchConfig:
     # threads spin-wait when they outnumber the free cores (on the loaded 2-core test
     # machine a tiny-model decode step took 62 ms with 2 threads, 2.5 ms with 1).
     num_threads: int = 1
+    # LoRA adapters to load at start, name -> PEFT directory; more via ``load_lora``.
+    lora_adapters: dict[str, str] | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TorchConfig:

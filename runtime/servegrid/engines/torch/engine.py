@@ -76,6 +76,7 @@ class Seq:
         "generator",
         "hashes",
         "keep_blocks",
+        "lora",
         "max_len",
         "max_tokens",
         "num_committed",
@@ -100,7 +101,9 @@ class Seq:
         self.temperature = sp.temperature
         self.top_p = sp.top_p
         self.generator = generator_for(sp.seed, request.request_id, engine_seed)
-        self.hashes = block_hashes(self.tokens, bs)  # grows as generated blocks fill
+        self.lora = request.lora_name
+        # Salted with the adapter: KV computed under one adapter is never reused by another.
+        self.hashes = block_hashes(self.tokens, bs, salt=self.lora)  # grows as blocks fill
         self.blocks: list[int] = []
         self.num_computed = 0  # tokens whose KV is in ``blocks``
         self.num_committed = 0  # leading blocks already offered to the prefix cache
@@ -175,6 +178,8 @@ class TorchEngine(Engine, KvTransferEngine):
         self._cache = await loop.run_in_executor(
             self._executor, self.runner.allocate_cache, blocks, self._bs
         )
+        for name, path in (cfg.lora_adapters or {}).items():
+            await self.load_lora(str(name), str(path))
         self._dead = None
         log.info(
             "torch engine ready: %d KV blocks of %d tokens (%.1f MiB), max-model-len %d",
@@ -198,6 +203,16 @@ class TorchEngine(Engine, KvTransferEngine):
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
         self._sink = sink
+
+    def lora_names(self) -> list[str]:
+        return sorted(self.runner.adapters)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        if not name or name in self.runner.adapters:
+            raise EngineConfigError(f"torch: LoRA adapter name {name!r} is empty or taken")
+        loop = asyncio.get_running_loop()
+        # Reading the files and merging the weights happen on the compute thread.
+        await loop.run_in_executor(self._executor, self.runner.add_lora, name, path)
 
     def cached_block_hashes(self) -> list[int]:
         return list(self._cache.pool.cached) if self._cache is not None else []
@@ -320,6 +335,7 @@ class TorchEngine(Engine, KvTransferEngine):
             request.request_id,
             request.token_ids,
             SamplingParams(max_tokens=1, ignore_eos=True),
+            lora_name=request.lora_name,
         )
         seq = self._new_seq(prefill)
         seq.keep_blocks = True
@@ -404,6 +420,11 @@ class TorchEngine(Engine, KvTransferEngine):
         if sp.max_tokens < 1:
             raise EngineRequestError(
                 f"request {rid}: max_tokens must be at least 1, got {sp.max_tokens}"
+            )
+        if request.lora_name is not None and request.lora_name not in self.runner.adapters:
+            raise EngineRequestError(
+                f"request {rid}: LoRA adapter {request.lora_name!r} is not loaded on this "
+                f"worker (loaded: {', '.join(sorted(self.runner.adapters)) or 'none'})"
             )
         if sp.temperature < 0 or not 0 < sp.top_p <= 1:
             raise EngineRequestError(
@@ -614,16 +635,16 @@ class TorchEngine(Engine, KvTransferEngine):
         self, scheduled: list[tuple[Seq, int]]
     ) -> list[tuple[list[tuple[Seq, int]], list[BatchRow]]]:
         """Group the step: all one-token decodes in one pass, each prompt chunk in its own."""
-        decode: list[tuple[Seq, int]] = []
+        decode: dict[str | None, list[tuple[Seq, int]]] = {}  # one pass per LoRA adapter
         batches: list[list[tuple[Seq, int]]] = []
         for seq, n in scheduled:
             if n == 1 and seq.generated:
-                decode.append((seq, n))
+                decode.setdefault(seq.lora, []).append((seq, n))
             else:
                 batches.append([(seq, n)])
-        if decode:
-            batches.append(decode)
-            self.max_batch_rows = max(self.max_batch_rows, len(decode))
+        for rows in decode.values():
+            batches.append(rows)
+            self.max_batch_rows = max(self.max_batch_rows, len(rows))
         out = []
         for items in batches:
             rows = [
@@ -635,6 +656,7 @@ class TorchEngine(Engine, KvTransferEngine):
                     temperature=seq.temperature,
                     top_p=seq.top_p,
                     generator=seq.generator,
+                    adapter=seq.lora,
                 )
                 for seq, n in items
             ]
@@ -690,7 +712,7 @@ class TorchEngine(Engine, KvTransferEngine):
             if b < len(hashes):
                 h = hashes[b]
             else:
-                h = hash_block(seq.tokens[b * bs : (b + 1) * bs], parent)
+                h = hash_block(seq.tokens[b * bs : (b + 1) * bs], parent, salt=seq.lora)
                 hashes.append(h)
             if pool.commit(seq.blocks[b], h):
                 if not new:

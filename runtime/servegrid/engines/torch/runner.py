@@ -17,6 +17,7 @@ a block's content does not depend on the batch it was computed in.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class BatchRow:
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator | None = None
+    adapter: str | None = None  # a LoRA adapter's name; every row of a batch shares it
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,8 @@ class ModelRunner:
         self._dtype_name = dtype
         self._num_threads = num_threads
         self.model: Any = None
+        # LoRA adapters, merged into their own copy of the weights (see add_lora).
+        self.adapters: dict[str, Any] = {}
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.shape: ModelShape | None = None
@@ -164,6 +168,64 @@ class ModelRunner:
             self.shape.head_dim,
         )
         return self.shape
+
+    def add_lora(self, name: str, where: str) -> None:
+        """Load a PEFT LoRA adapter and merge it into a copy of the model (slow: off-loop).
+
+        Merging (W + alpha/r * B @ A on each target projection) keeps the forward pass the
+        model's own, at the cost of one copy of the weights per adapter: right for the small
+        models this engine serves; vLLM applies adapters batched on the GPU instead.
+        """
+        import copy
+
+        from safetensors.torch import load_file
+
+        path = Path(where).expanduser()
+        config_path = path / "adapter_config.json"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            weights = load_file(str(path / "adapter_model.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise EngineConfigError(
+                f"torch: LoRA adapter {name!r} at {path}: {exc}; it must be a PEFT directory "
+                "(adapter_config.json, adapter_model.safetensors)"
+            ) from None
+        if config.get("peft_type", "LORA") != "LORA" or not config.get("r"):
+            raise EngineConfigError(f"torch: {config_path} is not a LoRA adapter config")
+        rank = int(config["r"])
+        alpha = float(config.get("lora_alpha", rank))
+        scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        merged = copy.deepcopy(self.model)
+        count = 0
+        with torch.inference_mode():
+            for key, a in weights.items():
+                if not key.endswith(".lora_A.weight"):
+                    continue
+                module_path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                b = weights.get(key.replace(".lora_A.", ".lora_B."))
+                try:
+                    module = merged.get_submodule(module_path)
+                except AttributeError:
+                    module = None
+                if b is None or module is None or not hasattr(module, "weight"):
+                    raise EngineConfigError(
+                        f"torch: LoRA adapter {name!r}: {key} does not match a layer of "
+                        f"{self.model_dir} (is it an adapter for this model?)"
+                    )
+                delta = (b.float() @ a.float()) * scale
+                if delta.shape != module.weight.shape:
+                    raise EngineConfigError(
+                        f"torch: LoRA adapter {name!r}: {module_path} is {tuple(delta.shape)} "
+                        f"in the adapter, {tuple(module.weight.shape)} in the model"
+                    )
+                module.weight += delta.to(module.weight.dtype).to(module.weight.device)
+                count += 1
+        if not count:
+            raise EngineConfigError(f"torch: LoRA adapter {name!r} at {path} has no LoRA weights")
+        self.adapters[name] = merged.eval()
+        log.info(
+            "torch engine: LoRA adapter %s (%d layers, rank %d) from %s", name, count, rank, path
+        )
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> PagedKvCache:
         assert self.shape is not None
@@ -230,7 +292,8 @@ class ModelRunner:
                 kv.update(keys.transpose(1, 2), values.transpose(1, 2), layer)
         # Only the rows' last new tokens need logits: a long prompt's full logits would not fit.
         last = sorted({len(r.token_ids) - 1 for r in rows})
-        out = self.model(
+        model = self.model if rows[0].adapter is None else self.adapters[rows[0].adapter]
+        out = model(
             input_ids=input_ids.to(device),
             attention_mask=None if n_rows == 1 else mask.to(device),
             position_ids=positions.to(device),
