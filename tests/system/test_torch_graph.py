@@ -26,6 +26,8 @@ import pytest
 from servegrid.distributed import env as env_names
 from servegrid.distributed.embedded_nats import free_port
 from servegrid.distributed.runtime import DistributedRuntime
+from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
+from servegrid.llm.model_init import TINY_LORA_NAME, tiny_lora_dir
 from tests.support.optional import require_modules
 from tests.support.serving import REPO, ServedGraph, serve
 
@@ -53,11 +55,17 @@ def wait_listed(url: str, model: str, served: ServedGraph, timeout: float = 60.0
     raise AssertionError(f"{model} not listed by {url}/v1/models in {timeout}s")
 
 
+AGG_NAMESPACE = "torch-agg-test"
+
+
 class Graph:
-    def __init__(self, url: str, model: str, served: ServedGraph) -> None:
+    def __init__(
+        self, url: str, model: str, served: ServedGraph, env: dict[str, str] | None = None
+    ) -> None:
         self.url = url
         self.model = model
         self.served = served
+        self.env = env or {}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def graph(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
     port = free_port()
-    env = {"SERVEGRID_DISCOVERY_DIR": str(tmp_path_factory.mktemp("discovery"))}
+    env = {
+        env_names.SERVEGRID_DISCOVERY_DIR: str(tmp_path_factory.mktemp("discovery")),
+        env_names.SERVEGRID_NAMESPACE: AGG_NAMESPACE,
+    }
     args = ["-f", AGG, f"--Frontend.port={port}", "--Frontend.host=127.0.0.1"]
     args += [
         "--Worker.engine=torch",
@@ -89,7 +100,7 @@ def graph(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gra
         served.wait_for_output("Worker ready", timeout=240, count=2)
         served.wait_for_output("Frontend ready", timeout=60)
         wait_listed(f"http://127.0.0.1:{port}", str(model), served)
-        yield Graph(f"http://127.0.0.1:{port}", str(model), served)
+        yield Graph(f"http://127.0.0.1:{port}", str(model), served, env)
 
 
 @pytest.fixture
@@ -181,10 +192,7 @@ def test_a_model_directory_without_weights_is_one_clear_line(tmp_path: Path):
 # -- disaggregated: configs/disagg.yaml, prefill and decode in two processes --------------
 
 
-class DisaggGraph(Graph):
-    def __init__(self, url: str, model: str, served: ServedGraph, env: dict[str, str]) -> None:
-        super().__init__(url, model, served)
-        self.env = env
+DisaggGraph = Graph
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +268,42 @@ def test_disaggregated_greedy_output_equals_aggregated_and_kv_bytes_cross(
     assert stats["bytes_received"] == sum(h["logical_bytes"] for h in sent) > 0
     # 4 layers x K,V x 4 KV heads x 32 x float32 = 4 KiB a token, in whole 16-token blocks
     assert all(h["logical_bytes"] % (16 * 4096) == 0 for h in sent)
+
+
+# -- LoRA through the Worker's endpoints ---------------------------------------------------
+
+
+async def lora_round(graph: Graph, model: Path) -> tuple[list[dict], list[list[int]]]:
+    """Load the tiny adapter on every worker, then generate with and without it on each."""
+    runtime = await DistributedRuntime.from_env()
+    try:
+        loader = await runtime.client(AGG_NAMESPACE, "Worker", "load_lora")
+        ids = await loader.wait_for_instances(2, timeout=30)
+        adapter = {"name": TINY_LORA_NAME, "path": str(tiny_lora_dir(model))}
+        answers = [await (await loader.direct(adapter, i)).single() for i in ids]
+        generate = await runtime.client(AGG_NAMESPACE, "Worker", "generate")
+        await generate.wait_for_instances(2, timeout=30)
+        prompt = list(range(300, 340))
+        outputs = []
+        for i in ids:
+            for lora in (None, TINY_LORA_NAME):
+                request = EngineRequest(
+                    f"lora-{i}-{lora}", prompt, SamplingParams(max_tokens=8), lora_name=lora
+                )
+                stream = await generate.direct(request, i, EngineOutput)
+                outputs.append([t async for out in stream for t in out.token_ids])
+        return answers, outputs
+    finally:
+        await runtime.shutdown(drain_timeout=0)
+
+
+def test_a_lora_adapter_loaded_at_run_time_changes_what_workers_generate(
+    graph: Graph, model: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for key, value in graph.env.items():
+        monkeypatch.setenv(key, value)
+    answers, outputs = asyncio.run(lora_round(graph, model))
+    assert answers == [{"lora_adapters": [TINY_LORA_NAME]}] * 2
+    base_0, lora_0, base_1, lora_1 = outputs
+    assert base_0 == base_1 and lora_0 == lora_1  # the same on both worker processes
+    assert lora_0 != base_0

@@ -65,6 +65,7 @@ class AsyncEngineArgs:
     distributed_executor_backend: str | None = None
     trust_remote_code: bool = False
     seed: int | None = None
+    enable_lora: bool = False
     kv_transfer_config: KVTransferConfig | None = None
     kv_events_config: KVEventsConfig | None = None
 
@@ -83,6 +84,7 @@ class AsyncEngineArgs:
         parser.add_argument("--distributed-executor-backend", choices=["ray", "mp", "uni"])
         parser.add_argument("--trust-remote-code", action="store_true")
         parser.add_argument("--seed", type=int)
+        parser.add_argument("--enable-lora", action="store_true")
         parser.add_argument("--kv-transfer-config", type=KVTransferConfig.from_json)
         return parser
 
@@ -138,10 +140,18 @@ class RequestOutput:
 
 
 @dataclass
+class LoRARequest:
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+
+
+@dataclass
 class GenerateCall:
     prompt: dict[str, Any]
     sampling_params: SamplingParams
     request_id: str
+    lora_request: LoRARequest | None = None
     yielded: int = 0
     closed_early: bool = False
 
@@ -227,9 +237,14 @@ class FakeAsyncLLM:
         return gone
 
     async def generate(
-        self, prompt: dict[str, Any], sampling_params: SamplingParams, request_id: str
+        self,
+        prompt: dict[str, Any],
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        lora_request: LoRARequest | None = None,
     ):
-        call = GenerateCall(prompt, sampling_params, request_id)
+        call = GenerateCall(prompt, sampling_params, request_id, lora_request)
         self.calls.append(call)
         tokens = list(prompt["prompt_token_ids"])
         transfer = (sampling_params.extra_args or {}).get("kv_transfer_params") or {}
@@ -295,6 +310,9 @@ def install(monkeypatch: Any) -> types.ModuleType:
     config.KVEventsConfig = KVEventsConfig  # type: ignore[attr-defined]
     sampling = types.ModuleType("vllm.sampling_params")
     sampling.RequestOutputKind = RequestOutputKind  # type: ignore[attr-defined]
+    lora = types.ModuleType("vllm.lora")
+    lora_request = types.ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = LoRARequest  # type: ignore[attr-defined]
     utils = types.ModuleType("vllm.utils")
     argparse_utils = types.ModuleType("vllm.utils.argparse_utils")
     argparse_utils.FlexibleArgumentParser = FlexibleArgumentParser  # type: ignore[attr-defined]
@@ -302,6 +320,8 @@ def install(monkeypatch: Any) -> types.ModuleType:
         "vllm": root,
         "vllm.config": config,
         "vllm.sampling_params": sampling,
+        "vllm.lora": lora,
+        "vllm.lora.request": lora_request,
         "vllm.utils": utils,
         "vllm.utils.argparse_utils": argparse_utils,
     }.items():

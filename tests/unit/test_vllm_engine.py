@@ -65,8 +65,10 @@ async def started(vllm) -> AsyncIterator[VllmEngine]:
     await engine.stop()
 
 
-def request(rid: str, prompt: list[int], n: int = 4, **sampling) -> EngineRequest:
-    return EngineRequest(rid, prompt, SamplingParams(max_tokens=n, **sampling))
+def request(
+    rid: str, prompt: list[int], n: int = 4, lora_name: str | None = None, **sampling
+) -> EngineRequest:
+    return EngineRequest(rid, prompt, SamplingParams(max_tokens=n, **sampling), lora_name=lora_name)
 
 
 def llm_of(engine: VllmEngine) -> fake_vllm.FakeAsyncLLM:
@@ -310,5 +312,40 @@ async def test_prefill_without_a_kv_connector_fails_the_request_not_the_worker(v
         assert llm_of(engine).engine_args.kv_transfer_config is None
         with pytest.raises(EngineRequestError, match="needs a KV connector"):
             await engine.prefill_kv(request("p", [1, 2, 3], 1), 0, 2)
+    finally:
+        await engine.stop()
+
+
+# -- LoRA ------------------------------------------------------------------------------
+
+
+async def test_lora_adapters_reach_vllm_as_lora_requests(vllm):
+    engine = VllmEngine({"lora-adapters": {"sql": "/adapters/sql"}}, "m")
+    await engine.start()
+    try:
+        assert "--enable-lora" in engine.plan.argv
+        assert llm_of(engine).engine_args.enable_lora is True
+        assert engine.lora_names() == ["sql"]
+        _ = [o async for o in engine.generate(request("l1", [1, 2, 3], 2, lora_name="sql"))]
+        assert llm_of(engine).calls[-1].lora_request == fake_vllm.LoRARequest(
+            "sql", 1, "/adapters/sql"
+        )
+        await engine.load_lora("chat", "/adapters/chat")  # at run time
+        _ = [o async for o in engine.generate(request("l2", [1, 2, 3], 2, lora_name="chat"))]
+        assert llm_of(engine).calls[-1].lora_request.lora_int_id == 2
+        _ = [o async for o in engine.generate(request("l3", [1, 2, 3], 2))]
+        assert llm_of(engine).calls[-1].lora_request is None
+        with pytest.raises(EngineRequestError, match="'nope' is not loaded"):
+            engine.generate(request("l4", [1], 1, lora_name="nope"))
+    finally:
+        await engine.stop()
+
+
+async def test_loading_an_adapter_needs_lora_enabled(vllm):
+    engine = VllmEngine({}, "m")
+    await engine.start()
+    try:
+        with pytest.raises(EngineConfigError, match="enable-lora"):
+            await engine.load_lora("x", "/adapters/x")
     finally:
         await engine.stop()

@@ -12,6 +12,7 @@ from servegrid.components.remote_prefill import DisaggSettings, RemotePrefill
 from servegrid.engines.base import Engine, EngineConfigError, EngineOutput, EngineRequest
 from servegrid.engines.disagg import supports_kv_transfer
 from servegrid.engines.registry import create_engine
+from servegrid.errors import InvalidRequestError
 from servegrid.kv_router.protocol import KV_BLOCKS_ENDPOINT, KvSnapshot
 from servegrid.kv_router.publisher import KvPublisher, start_publisher
 from servegrid.llm.model_init import BUILTIN_MODEL
@@ -125,6 +126,18 @@ class Worker:
             "active_requests": metrics.active_requests,
             "waiting_requests": metrics.waiting_requests,
         }
+
+    @endpoint()
+    async def load_lora(self, adapter: dict) -> dict:
+        """Load a LoRA adapter at run time: ``{"name": ..., "path": PEFT directory}``; the
+        answer lists the adapters loaded now. Requests name one in ``lora_name``."""
+        try:
+            await self.engine.load_lora(str(adapter["name"]), str(adapter["path"]))
+        except KeyError as exc:
+            raise InvalidRequestError(f"load_lora needs {exc.args[0]!r}") from None
+        except EngineConfigError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return {"lora_adapters": self.engine.lora_names()}
 
     @endpoint(KV_BLOCKS_ENDPOINT)
     async def kv_blocks(self, _: None = None) -> KvSnapshot:

@@ -15,6 +15,8 @@ vLLM's V1 engine (0.10 and later), where ``vllm.AsyncLLMEngine`` is
 - ``TokensPrompt(prompt_token_ids=...)``: the prompt is already tokenized by the processor.
 - ``KVTransferConfig(kv_connector, kv_role)`` and ``KVEventsConfig(enable_kv_cache_events,
   publisher, endpoint, topic)`` from ``vllm.config``.
+- ``LoRARequest(lora_name, lora_int_id, lora_path)`` from ``vllm.lora.request``, passed as
+  ``generate(..., lora_request=...)``; the engine needs ``--enable-lora``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class VllmApi:
     KVTransferConfig: Any
     KVEventsConfig: Any
     FlexibleArgumentParser: Any
+    LoRARequest: Any
 
 
 def vllm_installed() -> bool:
@@ -51,6 +54,7 @@ def load_vllm_api() -> VllmApi:
         )
     import vllm
     from vllm.config import KVEventsConfig, KVTransferConfig
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind
 
     try:
@@ -67,4 +71,5 @@ def load_vllm_api() -> VllmApi:
         KVTransferConfig=KVTransferConfig,
         KVEventsConfig=KVEventsConfig,
         FlexibleArgumentParser=FlexibleArgumentParser,
+        LoRARequest=LoRARequest,
     )

@@ -27,7 +27,7 @@ from servegrid.engines.vllm.api import VllmApi
 DEFAULT_KV_CONNECTOR = "NixlConnector"
 KV_EVENTS_TOPIC = "kv-events"
 # Keys servegrid reads itself; never handed to vLLM's parser.
-OWN_KEYS = frozenset({"engine", "model", "kv-connector"})
+OWN_KEYS = frozenset({"engine", "model", "kv-connector", "lora-adapters"})
 
 
 @dataclass
@@ -88,6 +88,8 @@ def build_engine_args(
     known = dict(parser._option_string_actions)  # argparse's table of declared options
     argv, ignored = config_to_argv(settings, known)
     argv = ["--model", model, *argv]
+    if settings.get("lora-adapters") and "enable-lora" not in settings and "--enable-lora" in known:
+        argv.append("--enable-lora")  # adapters named in the config need LoRA support on
     _check_parallelism(settings)
     try:
         namespace = parser.parse_args(argv)

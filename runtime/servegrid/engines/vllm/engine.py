@@ -93,6 +93,10 @@ class VllmEngine(Engine, KvTransferEngine):
         self.translator = VllmKvEventTranslator()
         self._subscriber: ZmqKvEventSubscriber | None = None
         self._active: set[str] = set()
+        # LoRA adapters: name -> (vLLM's int id, path); vLLM loads one on first use.
+        self._loras: dict[str, tuple[int, str]] = {}
+        for name, path in dict(self.settings.get("lora-adapters") or {}).items():
+            self._loras[str(name)] = (len(self._loras) + 1, str(path))
 
     # -- Engine interface ------------------------------------------------------------
 
@@ -139,6 +143,19 @@ class VllmEngine(Engine, KvTransferEngine):
 
     def cached_block_hashes(self) -> list[int]:
         return self.translator.hashes()
+
+    def lora_names(self) -> list[str]:
+        return sorted(self._loras)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        if not name or name in self._loras:
+            raise EngineConfigError(f"vllm: LoRA adapter name {name!r} is empty or taken")
+        if self.plan is not None and not getattr(self.plan.engine_args, "enable_lora", False):
+            raise EngineConfigError(
+                "vllm: this engine was started without --enable-lora; set lora-adapters (or "
+                "enable-lora: true) in the worker's config to load adapters at run time"
+            )
+        self._loras[name] = (len(self._loras) + 1, path)
 
     def load_metrics(self) -> LoadMetrics:
         cache_config = getattr(getattr(self.llm, "vllm_config", None), "cache_config", None)
@@ -236,6 +253,11 @@ class VllmEngine(Engine, KvTransferEngine):
                 f"request {request.request_id}: max_tokens must be at least 1, got "
                 f"{request.sampling.max_tokens}"
             )
+        if request.lora_name is not None and request.lora_name not in self._loras:
+            raise EngineRequestError(
+                f"request {request.request_id}: LoRA adapter {request.lora_name!r} is not "
+                f"loaded on this worker (loaded: {', '.join(self.lora_names()) or 'none'})"
+            )
 
     def sampling_params(
         self, sampling: SamplingParams, max_tokens: int, kv_transfer_params: dict | None
@@ -265,7 +287,11 @@ class VllmEngine(Engine, KvTransferEngine):
         rid = request.request_id
         params = self.sampling_params(request.sampling, max_tokens, kv_transfer_params)
         prompt = api.TokensPrompt(prompt_token_ids=list(request.token_ids))
-        stream = self.llm.generate(prompt, params, rid)
+        lora = None
+        if request.lora_name is not None:
+            lora_id, lora_path = self._loras[request.lora_name]
+            lora = api.LoRARequest(request.lora_name, lora_id, lora_path)
+        stream = self.llm.generate(prompt, params, rid, lora_request=lora)
         finished = False
         self._active.add(rid)
         try:
