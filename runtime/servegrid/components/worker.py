@@ -76,6 +76,9 @@ class Worker:
                 f"{name}.{LORA_ADAPTERS_KEY}: adapter {self.served_model_name!r} has the base "
                 "model's name; clients could not tell them apart: rename the adapter"
             )
+        # name -> path of every adapter loaded (or loading at start): a repeated load is
+        # answered here, the same way for every engine
+        self.lora_paths: dict[str, str] = dict(self.configured_loras)
         self.kv_publisher: KvPublisher | None = None
         self.remote: RemotePrefill | None = None
         if remote_prefill:
@@ -155,12 +158,21 @@ class Worker:
     @endpoint()
     async def load_lora(self, adapter: dict) -> dict:
         """Load a LoRA adapter at run time: ``{"name": ..., "path": PEFT directory}``; the
-        answer lists the adapters loaded now. Requests name one in ``lora_name``."""
+        answer lists the adapters loaded now. Requests name one in ``lora_name``. Loading a
+        name again from the same path does nothing; from another path it is refused."""
         try:
-            name = str(adapter["name"])
+            name, path = str(adapter["name"]), str(adapter["path"])
             if name == self.served_model_name:
                 raise EngineConfigError(f"adapter {name!r} has the base model's name")
-            await self.engine.load_lora(name, str(adapter["path"]))
+            known = self.lora_paths.get(name)
+            if known is None:
+                await self.engine.load_lora(name, path)
+                self.lora_paths[name] = path
+            elif known != path:
+                raise EngineConfigError(
+                    f"LoRA adapter {name!r} is already loaded from {known}; choose another "
+                    f"name for {path}"
+                )  # the same name and path again: nothing to do
         except KeyError as exc:
             raise InvalidRequestError(f"load_lora needs {exc.args[0]!r}") from None
         except EngineConfigError as exc:
