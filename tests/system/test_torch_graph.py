@@ -12,6 +12,7 @@ from them; its greedy output must equal the aggregated graph's.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from servegrid.distributed.runtime import DistributedRuntime
 from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
 from servegrid.llm.model_init import TINY_LORA_NAME, tiny_lora_dir
 from tests.support.optional import require_modules
-from tests.support.serving import REPO, ServedGraph, serve
+from tests.support.serving import REPO, SERVEGRID, ServedGraph, serve
 
 require_modules("torch", "transformers", extra="torch")
 
@@ -307,3 +308,30 @@ def test_a_lora_adapter_loaded_at_run_time_changes_what_workers_generate(
     base_0, lora_0, base_1, lora_1 = outputs
     assert base_0 == base_1 and lora_0 == lora_1  # the same on both worker processes
     assert lora_0 != base_0
+
+
+def test_a_lora_adapter_loaded_by_the_operator_is_a_model_of_the_openai_edge(
+    graph: Graph, model: Path, client: openai.OpenAI
+):
+    path = str(tiny_lora_dir(model))
+    loaded = subprocess.run(
+        [*SERVEGRID, "lora", "load", TINY_LORA_NAME, path, "--namespace", AGG_NAMESPACE],
+        env={**os.environ, **graph.env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.count(f"loaded {TINY_LORA_NAME}") == 2  # both workers
+    wait_listed(graph.url, TINY_LORA_NAME, graph.served)
+    assert [m.id for m in client.models.list().data] == [graph.model, TINY_LORA_NAME]
+
+    def ask(name: str) -> str:
+        reply = client.completions.create(
+            model=name, prompt="The river runs", max_tokens=16, temperature=0.0
+        )
+        return reply.choices[0].text
+
+    base = ask(graph.model)
+    adapted = {ask(TINY_LORA_NAME) for _ in range(4)}  # round-robin: two on each worker
+    assert len(adapted) == 1 and base not in adapted  # real LoRA weights change the answer
