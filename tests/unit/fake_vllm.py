@@ -206,9 +206,12 @@ class FakeAsyncLLM:
         self._pub.send_multipart([self._topic, self._seq.to_bytes(8, "big"), payload])
         self._seq += 1
 
-    def _store_prompt_blocks(self, tokens: list[int]) -> None:
+    def _store_prompt_blocks(self, tokens: list[int], lora_id: int | None = None) -> None:
         bs = self.engine_args.block_size or 16
-        parent: bytes | None = None
+        # vLLM keys an adapter's blocks apart from the base model's (its LoRA id enters the
+        # hash) and names the adapter's id in the stored event
+        parent: bytes | None = None if lora_id is None else f"lora-{lora_id}".encode()
+        root = parent
         stored: list[bytes] = []
         first_parent: bytes | None = None
         for start in range(0, len(tokens) - len(tokens) % bs, bs):
@@ -223,7 +226,10 @@ class FakeAsyncLLM:
         if stored:
             begin = self._cached[stored[0]]
             block_tokens = tokens[begin : begin + bs * len(stored)]
-            self.publish([["BlockStored", stored, first_parent, block_tokens, bs, None, "GPU"]])
+            if first_parent == root:
+                first_parent = None
+            event = ["BlockStored", stored, first_parent, block_tokens, bs, lora_id, "GPU"]
+            self.publish([event])
 
     def evict_all(self) -> None:
         self._cached.clear()
@@ -248,7 +254,7 @@ class FakeAsyncLLM:
         self.calls.append(call)
         tokens = list(prompt["prompt_token_ids"])
         transfer = (sampling_params.extra_args or {}).get("kv_transfer_params") or {}
-        self._store_prompt_blocks(tokens)
+        self._store_prompt_blocks(tokens, lora_request.lora_int_id if lora_request else None)
         stop = set(sampling_params.stop_token_ids or [])
         limit = sampling_params.max_tokens or 16
         try:

@@ -341,6 +341,55 @@ async def test_lora_adapters_reach_vllm_as_lora_requests(vllm):
         await engine.stop()
 
 
+async def test_an_adapters_kv_events_carry_the_routers_salted_hashes(vllm):
+    engine = create_engine("vllm", {**SETTINGS, "lora-adapters": {"sql": "/adapters/sql"}})
+    assert isinstance(engine, VllmEngine)
+    events: list[KvEvent] = []
+    engine.set_kv_event_sink(events.append)
+    await engine.start()
+    try:
+        llm = llm_of(engine)
+        prompt = list(range(100, 140))  # two full blocks of 16
+        for attempt in range(50):  # ZMQ's slow joiner: repeat until the subscriber sees one
+            llm._cached.clear()
+            _ = [o async for o in engine.generate(request(f"l{attempt}", prompt, 1, "sql"))]
+            await asyncio.sleep(0.05)
+            if events:
+                break
+        assert events, "no KV event arrived over ZMQ"
+        # vLLM names the adapter by its LoRA id; the router salts by its name
+        assert events[-1].block_hashes == block_hashes(prompt, 16, salt="sql")
+        seen = len(events)
+        _ = [o async for o in engine.generate(request("base", prompt, 1))]
+        event = await next_event(events, seen)
+        assert event.block_hashes == block_hashes(prompt, 16)  # the base model's own chain
+    finally:
+        await engine.stop()
+
+
+def test_translator_salts_chains_that_start_under_an_adapter():
+    translator = VllmKvEventTranslator(lora_name_of={1: "sql"}.get)
+    tokens = list(range(48))
+
+    def stored(hashes: list, parent, lora_id, *rest) -> list[KvEvent]:
+        event = ["BlockStored", hashes, parent, tokens[: 16 * len(hashes)], 16, lora_id, *rest]
+        return translator.feed_payload(msgspec.msgpack.encode([0.0, [event]]))
+
+    (event,) = stored([b"a1"], None, 1, "GPU")
+    assert event.block_hashes == block_hashes(tokens[:16], 16, salt="sql")
+    # a block chained on it inherits the salt through its parent
+    (event,) = translator.feed_payload(
+        msgspec.msgpack.encode(
+            [0.0, [["BlockStored", [b"a2"], b"a1", tokens[16:32], 16, 1, "GPU"]]]
+        )
+    )
+    assert event.block_hashes == block_hashes(tokens[:32], 16, salt="sql")[1:]
+    (event,) = stored([b"c1"], None, 9, "GPU", "chat")  # newer vLLM names the adapter
+    assert event.block_hashes == block_hashes(tokens[:16], 16, salt="chat")
+    assert stored([b"x1"], None, 7, "GPU") == []  # an adapter id this worker never gave
+    assert translator.skipped_blocks == 1
+
+
 async def test_loading_an_adapter_needs_lora_enabled(vllm):
     engine = VllmEngine({}, "m")
     await engine.start()

@@ -90,7 +90,7 @@ class VllmEngine(Engine, KvTransferEngine):
         self.disaggregated = bool(self.settings.get("remote-prefill"))
         self.plan: EngineArgsPlan | None = None
         self.llm: Any = None
-        self.translator = VllmKvEventTranslator()
+        self.translator = VllmKvEventTranslator(lora_name_of=self._lora_name_of)
         self._subscriber: ZmqKvEventSubscriber | None = None
         self._active: set[str] = set()
         # LoRA adapters: name -> (vLLM's int id, path); vLLM loads one on first use.
@@ -146,6 +146,13 @@ class VllmEngine(Engine, KvTransferEngine):
 
     def lora_names(self) -> list[str]:
         return sorted(self._loras)
+
+    def _lora_name_of(self, lora_id: int) -> str | None:
+        """The adapter vLLM knows as ``lora_id`` (the id this engine gave its LoRARequest)."""
+        for name, (known_id, _) in self._loras.items():
+            if known_id == lora_id:
+                return name
+        return None
 
     async def load_lora(self, name: str, path: str) -> None:
         if not name or name in self._loras:

@@ -4,7 +4,8 @@ vLLM publishes ``EventBatch``es over ZMQ (``vllm.distributed.kv_events``): multi
 ``[topic, sequence (8 bytes, big-endian), msgpack payload]``. The payload is an array
 ``[ts, events, data_parallel_rank?]``; each event is a tagged array ``[tag, fields...]``:
 
-- ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, ...]``
+- ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+  lora_name (newer releases), ...]``
 - ``["BlockRemoved", block_hashes, ...]``
 - ``["AllBlocksCleared"]``
 
@@ -15,6 +16,10 @@ event's ``token_ids``, chained from its parent's servegrid hash, and keeps a map
 hash to servegrid's to translate removals. A stored block whose parent it never saw (events
 lost before this worker subscribed) cannot be chained and is skipped with a warning; the
 router's re-synchronisation asks ``hashes()`` later.
+
+A chain that starts under a LoRA adapter is salted with the adapter's name, as the router
+salts that adapter's prompts: the name comes from the event (``lora_name``, newer releases)
+or from its ``lora_id`` through the engine's adapters.
 """
 
 from __future__ import annotations
@@ -41,8 +46,14 @@ def _key(value: Any) -> Any:
 
 
 class VllmKvEventTranslator:
-    def __init__(self, sink: Callable[[KvEvent], None] | None = None) -> None:
+    def __init__(
+        self,
+        sink: Callable[[KvEvent], None] | None = None,
+        lora_name_of: Callable[[int], str | None] | None = None,
+    ) -> None:
         self.sink = sink
+        #: vLLM's ``lora_int_id`` -> the adapter's name (the engine's own adapters)
+        self.lora_name_of = lora_name_of
         self._ours: dict[Any, int] = {}  # vLLM block hash -> servegrid block hash
         self.skipped_blocks = 0
         self.batches = 0
@@ -102,7 +113,19 @@ class VllmKvEventTranslator:
                         len(vllm_hashes),
                     )
                     return None
-            ours = block_hashes(token_ids, int(block_size), parent_ours)
+                salt = None  # the parent's hash carries the chain's salt on
+            else:
+                found, salt = self._adapter_of(event)
+                if not found:
+                    self.skipped_blocks += len(vllm_hashes)
+                    log.warning(
+                        "vllm KV events: %d stored blocks of LoRA id %s, an adapter this "
+                        "worker does not know; skipped",
+                        len(vllm_hashes),
+                        event[5],
+                    )
+                    return None
+            ours = block_hashes(token_ids, int(block_size), parent_ours, salt=salt)
             if len(ours) != len(vllm_hashes):
                 log.warning(
                     "vllm KV events: %d block hashes for %d tokens of block size %s; skipped",
@@ -121,6 +144,16 @@ class VllmKvEventTranslator:
             self._ours.clear()
             return KvEvent(CLEARED)
         return None
+
+    def _adapter_of(self, event: list) -> tuple[bool, str | None]:
+        """(known, the adapter name a chain starting at this stored event is salted with)."""
+        if len(event) > 7 and isinstance(event[7], str):
+            return True, event[7]  # lora_name, in newer vLLM releases
+        lora_id = event[5] if len(event) > 5 else None
+        if lora_id is None:
+            return True, None  # the base model
+        name = self.lora_name_of(int(lora_id)) if self.lora_name_of is not None else None
+        return name is not None, name
 
 
 class ZmqKvEventSubscriber:
