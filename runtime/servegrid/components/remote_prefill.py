@@ -64,6 +64,7 @@ class RemotePrefill:
         self.settings = settings
         self.namespace, self.prefill_component = prefill_address
         self.stats: Counter[str] = Counter()
+        self.decoding_remote = 0  # streams decoding now from KV a prefill worker sent
         self.receiver: KvReceiver | None = None
         self.instance_id = 0
         self._queue: WorkQueue | None = None
@@ -92,6 +93,9 @@ class RemotePrefill:
             "transfers_received": receiver.transfers_received if receiver else 0,
             "logical_bytes_received": receiver.logical_bytes_received if receiver else 0,
             "refused_transfers": receiver.refused if receiver else 0,
+            # Reservations waiting for their KV now (a prefill worker is computing it).
+            "pending_transfers": receiver.pending if receiver else 0,
+            "decoding_from_remote_kv": self.decoding_remote,
         }
 
     async def _decide(self, request: EngineRequest) -> str | None:
@@ -125,12 +129,15 @@ class RemotePrefill:
         if reason == REMOTE:
             assert reservation is not None
             stream = self.engine.generate_reserved(reservation)
+            self.decoding_remote += 1
         else:
             stream = self.engine.generate(request)
         try:
             async for output in stream:
                 yield output
         finally:
+            if reason == REMOTE:
+                self.decoding_remote -= 1
             await stream.aclose()
             if reservation is not None:
                 self.engine.release_kv(reservation)  # no-op once decoding took the blocks
