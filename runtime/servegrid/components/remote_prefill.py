@@ -146,8 +146,8 @@ class RemotePrefill:
         """Enqueue, wait for the KV; REMOTE when it is committed, else the local reason."""
         receiver, queue = self.receiver, self._queue
         assert receiver is not None and queue is not None
-        target, arrived = receiver.expect(reservation)
         timeout = self.settings.remote_prefill_timeout
+        target, arrived = receiver.expect(reservation, timeout)
         item = PrefillQueueItem(request, target, time.time() + timeout, self.instance_id)
         try:
             try:

@@ -8,6 +8,7 @@ import socket
 
 from servegrid.engines.disagg import PrefilledKv
 from servegrid.kv_transfer.wire import (
+    KvFrameError,
     KvTarget,
     KvTransferHeader,
     KvTransferReply,
@@ -52,6 +53,7 @@ async def send_kv(
         simulated = kv.logical_bytes - sum(header.segment_sizes)
         if simulated > 0 and bandwidth_bytes_per_s > 0:
             await asyncio.sleep(simulated / bandwidth_bytes_per_s)
+    where = f"decode worker at {target.host}:{target.port}"
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -60,18 +62,19 @@ async def send_kv(
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 writer.write(encode_frame(header))
-                for segment in segments:
-                    writer.write(segment)
-                await writer.drain()
                 reply = await read_frame(reader, KvTransferReply)
+                if reply is not None and reply.ok and header.error is None:
+                    # It takes them: the segments, then the verdict on the whole.
+                    for segment in segments:
+                        writer.write(segment)
+                        await writer.drain()
+                    reply = await read_frame(reader, KvTransferReply)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        raise KvTransferRefusedError(
-            f"decode worker at {target.host}:{target.port} unreachable ({type(exc).__name__})"
-        ) from exc
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, KvFrameError) as exc:
+        raise KvTransferRefusedError(f"{where} unreachable ({type(exc).__name__})") from exc
     if reply is None or not reply.ok:
         reason = reply.error if reply is not None else "closed without a reply"
-        raise KvTransferRefusedError(f"decode worker at {target.host}:{target.port}: {reason}")
+        raise KvTransferRefusedError(f"{where}: {reason}")

@@ -19,6 +19,9 @@ class MockerConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     speedup_ratio: float = 1.0
+    # Disaggregated serving: ship the KV's bytes for real (zero-filled, as many as the model's
+    # layout says) over the bulk path, instead of only simulating the time they would take.
+    kv_transfer_bytes: bool = False
     vocab_size: int | None = None  # default: the model directory's, else 2048
     model: str | None = None  # a model directory or the built-in model name
 
