@@ -151,7 +151,7 @@ class RemotePrefill:
         item = PrefillQueueItem(request, target, time.time() + timeout, self.instance_id)
         try:
             try:
-                await queue.enqueue(encode_item(item))
+                await queue.enqueue(encode_item(item), item_id=target.transfer_id)
             except Exception as exc:
                 log.warning("request %s: prefill queue refused (%s)", request.request_id, exc)
                 return LOCAL_QUEUE_ERROR
