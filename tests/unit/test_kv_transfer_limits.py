@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
+from servegrid.distributed.transport import handshake
 from servegrid.engines.base import EngineRequest, SamplingParams
 from servegrid.engines.mocker import KvTransferMocker, create
 from servegrid.kv_transfer import KvReceiver, KvTransferHeader, KvTransferReply, send_kv
@@ -56,8 +57,14 @@ async def receiver_for(engine: KvTransferMocker):
         await receiver.stop()
 
 
-async def connect(receiver: KvReceiver) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", receiver.port)
+async def connect(
+    receiver: KvReceiver, shake: bool = True
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection past the handshake (the receiver has no secret: loopback)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+    if shake:
+        await asyncio.wait_for(handshake.connect_stream(reader, writer, None, "the test"), 30)
+    return reader, writer
 
 
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
@@ -159,9 +166,19 @@ async def test_a_transfer_that_stalls_is_cut_off_and_its_request_told(engine, re
 )
 async def test_a_connection_without_a_whole_header_in_time_is_closed(receiver_for, opening):
     receiver = await receiver_for(read_timeout=SHORT_TIMEOUT)
-    reader, writer = await connect(receiver)
+    reader, writer = await connect(receiver)  # past the handshake, then too little
     writer.write(opening)
     assert await closed_by_peer(reader)
+    writer.close()
+    assert receiver.connections_dropped == 1 and receiver.connections == 0
+
+
+async def test_a_connection_that_never_answers_the_handshake_is_closed(receiver_for):
+    receiver = await receiver_for(read_timeout=SHORT_TIMEOUT)
+    reader, writer = await connect(receiver, shake=False)
+    hello = await asyncio.wait_for(reader.readexactly(handshake.HELLO.size), 30)
+    assert hello.startswith(handshake.MAGIC)
+    assert await closed_by_peer(reader)  # no proof came: closed at the read timeout
     writer.close()
     assert receiver.connections_dropped == 1 and receiver.connections == 0
 
@@ -179,8 +196,8 @@ async def test_connections_over_the_cap_are_closed_as_they_arrive(receiver_for):
     receiver = await receiver_for(read_timeout=LONG_TIMEOUT, max_connections=4)
     held = [await connect(receiver) for _ in range(4)]
     await until(lambda: receiver.connections == 4)  # each is counted once its handler runs
-    reader, writer = await connect(receiver)
-    assert await closed_by_peer(reader)  # long before the read timeout: the cap closed it
+    reader, writer = await connect(receiver, shake=False)
+    assert await closed_by_peer(reader)  # no HELLO, long before the read timeout: the cap
     writer.close()
     assert receiver.connections_refused == 1 and receiver.connections == 4
     for _, held_writer in held:

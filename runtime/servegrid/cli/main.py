@@ -101,6 +101,10 @@ def graph(
 model_app = typer.Typer(help="Make and inspect local model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
+from servegrid.cli.secret_cmd import secret_app  # noqa: E402
+
+app.add_typer(secret_app, name="secret")
+
 
 @model_app.command("init")
 def model_init(

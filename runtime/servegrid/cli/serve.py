@@ -16,6 +16,7 @@ from servegrid.cli import namespace as graph_namespace
 from servegrid.cli.loader import LoadedGraph
 from servegrid.cli.supervisor import ProcessSpec, Supervisor
 from servegrid.distributed import env
+from servegrid.distributed.errors import SetupError
 from servegrid.sdk.errors import ConfigError, UserError
 from servegrid.sdk.layered_config import effective_service_args
 
@@ -128,8 +129,11 @@ async def _start_private_nats(stack: contextlib.AsyncExitStack, supervisor: Supe
             f"private nats-server that only this host's services see. Set "
             f"{env.NATS_SERVER}=nats://HOST:4222 on every node to share one."
         )
+    from servegrid.distributed.secret import load_cluster_secret
+
     try:
-        nats = await stack.enter_async_context(EmbeddedNats())
+        # With a cluster secret the private server requires it too, as a deployed one does.
+        nats = await stack.enter_async_context(EmbeddedNats(password=load_cluster_secret()))
     except (NatsServerNotFoundError, NatsServerStartError) as error:
         raise UserError(
             f"{env.NATS_SERVER} is not set and the private nats-server could not start: {error}"
@@ -159,6 +163,18 @@ async def _serve(specs: list[ProcessSpec], notes: list[str]) -> bool:
         return supervisor.failed
 
 
+def check_cluster_secret() -> None:
+    """Refuse, before starting anything, a cluster secret that is unsafe or missing where the
+    services would listen beyond loopback (each service checks again when it starts)."""
+    from servegrid.distributed.net import bind_host
+    from servegrid.distributed.secret import load_cluster_secret, require_secret_for_bind
+
+    try:
+        require_secret_for_bind(bind_host(), load_cluster_secret() is not None)
+    except SetupError as error:
+        raise UserError(str(error)) from None
+
+
 def resolve_namespace(loaded: LoadedGraph, namespace: str | None) -> str:
     """Write the graph's namespace into ``loaded.config``; a line for the log."""
     explicit = namespace or env.explicit_namespace()
@@ -176,6 +192,7 @@ def run_serve(
     working_dir: Path,
     namespace: str | None = None,
 ) -> None:
+    check_cluster_secret()
     note = resolve_namespace(loaded, namespace)
     specs = process_specs(loaded, service_names, working_dir)
     if asyncio.run(_serve(specs, [note])):

@@ -105,6 +105,8 @@ class Worker:
                 yield output
         finally:
             await stream.aclose()  # a cancelled caller frees the sequence at once
+            if self.kv_publisher is not None:
+                self.kv_publisher.note_finished(request.request_id)
 
     @endpoint()
     async def load(self, _: None = None) -> dict:

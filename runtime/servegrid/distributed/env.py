@@ -22,8 +22,9 @@ SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
 # the same one share workers. Unset, each embedded-mode ``servegrid serve`` gets one of its
 # own, and in cluster mode it is derived from the config (see cli/namespace.py).
 SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
-# The cluster secret (owner: h-plane): a file holding it (owned by the user, mode 0600 or
-# stricter), or the value itself.
+# The cluster secret (distributed/secret.py): the path of a file that holds it (owned by the
+# user, mode 0600 or stricter), or the value itself. Set one of them, not both. Required when a
+# request-plane listener binds a non-loopback address; NATS then authenticates with it too.
 SERVEGRID_CLUSTER_SECRET_FILE = "SERVEGRID_CLUSTER_SECRET_FILE"
 SERVEGRID_CLUSTER_SECRET = "SERVEGRID_CLUSTER_SECRET"
 
@@ -74,7 +75,11 @@ def explicit_namespace() -> str | None:
 
 
 def discovery_dir() -> Path:
-    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default."""
+    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default.
+
+    Whichever it is, ``FileDiscovery`` creates it 0700 and refuses one that another user owns
+    or could write to (``distributed/private_dir.py``).
+    """
     value = os.environ.get(SERVEGRID_DISCOVERY_DIR)
     if value:
         return Path(value)

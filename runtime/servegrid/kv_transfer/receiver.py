@@ -1,8 +1,12 @@
 """The decode worker's end of the bulk path: a listener that fills reserved KV blocks.
 
+Every connection opens with the request plane's handshake (``transport/handshake.py``): with
+the cluster secret set, only a process that holds it can write into this worker's cache, and
+the listener refuses to start beyond loopback without one, as the request plane does.
+
 What a peer can make it hold is bounded: at most ``max_connections`` connections at once
-(more are closed as they arrive), one transfer a connection, the header within
-``read_timeout`` of connecting, no pause longer than ``read_timeout`` while the segments
+(more are closed as they arrive), one transfer a connection, the handshake and then the
+header each within ``read_timeout``, no pause longer than ``read_timeout`` while the segments
 arrive, and no more bytes than the reservation's KV is long (``engine.kv_layout()``, from the
 model's config). A transfer nobody expects is refused before any of its bytes are read.
 """
@@ -16,6 +20,8 @@ import secrets
 import socket
 from dataclasses import dataclass
 
+from servegrid.distributed.secret import require_secret_for_bind
+from servegrid.distributed.transport import handshake
 from servegrid.engines.disagg import KvReservation, KvTransferEngine
 from servegrid.kv_transfer.wire import (
     KvFrameError,
@@ -61,10 +67,12 @@ class KvReceiver:
         advertise_host: str,
         port: int = 0,
         *,
+        secret: str | None = None,
         read_timeout: float = DEFAULT_READ_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.engine = engine
+        self._secret = secret.encode("ascii") if secret is not None else None
         self.bind_host = bind_host
         self.advertise_host = advertise_host
         self.port = port
@@ -73,17 +81,19 @@ class KvReceiver:
         self._pending: dict[str, _Pending] = {}
         self._receiving: dict[str, _Pending] = {}  # headers taken, bytes arriving
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: set[asyncio.StreamWriter] = set()
         self.transfers_received = 0
         self.bytes_received = 0
         self.logical_bytes_received = 0
         self.refused = 0  # transfers refused: unexpected, or not what the reservation allows
         self.connections_refused = 0  # over max_connections
         self.connections_dropped = 0  # timed out, cut off, or not this protocol
+        self.refused_connections = 0  # failed the handshake (no secret, or another one)
 
     async def start(self) -> None:
         if self._server is not None:
             return
+        require_secret_for_bind(self.bind_host, self._secret is not None)
         self._server = await asyncio.start_server(self._serve, self.bind_host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("KV transfer listener on %s:%d", self.bind_host, self.port)
@@ -92,8 +102,10 @@ class KvReceiver:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for task in list(self._connections):
-            task.cancel()
+        for writer in list(self._connections):
+            # Aborted, not cancelled: each handler ends on its own (a cancelled handler task
+            # is reported as an error by asyncio's stream server on Python 3.11).
+            writer.transport.abort()
         for pending in [*self._pending.values(), *self._receiving.values()]:
             _fail(pending, "the worker is stopping")
         self._pending.clear()
@@ -148,14 +160,19 @@ class KvReceiver:
                 )
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+        self._connections.add(writer)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    await handshake.accept_stream(reader, writer, self._secret)
+            except handshake.HandshakeRefusedError as exc:
+                self.refused_connections += 1
+                log.warning("KV transfer connection from %s refused: %s", peer, exc)
+                return
             async with asyncio.timeout(self.read_timeout):
                 header = await read_frame(reader, KvTransferHeader)
             if header is None:
@@ -175,7 +192,7 @@ class KvReceiver:
             self.connections_dropped += 1
             log.warning("KV transfer from %s dropped: %s", peer, exc or type(exc).__name__)
         finally:
-            self._connections.discard(task)
+            self._connections.discard(writer)
             writer.close()  # one transfer a connection
 
     async def _receive(

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 
+from servegrid.distributed.secret import load_cluster_secret
+from servegrid.distributed.transport import handshake
 from servegrid.engines.disagg import PrefilledKv
 from servegrid.kv_transfer.wire import (
     KvFrameError,
@@ -33,8 +35,9 @@ async def send_kv(
 ) -> None:
     """Send ``kv`` to ``target`` (or ``error``: the prefill failed); return once committed.
 
-    Bytes an engine does not ship for real (the mocker ships none) take the time a link of
-    ``bandwidth_bytes_per_s`` would need for them. Raises ``KvTransferRefusedError``.
+    The connection opens with the request plane's handshake, with the cluster secret from the
+    environment. Bytes an engine does not ship for real (the mocker ships none) take the time
+    a link of ``bandwidth_bytes_per_s`` would need for them. Raises ``KvTransferRefusedError``.
     """
     if kv is None:
         header = KvTransferHeader(
@@ -54,6 +57,8 @@ async def send_kv(
         if simulated > 0 and bandwidth_bytes_per_s > 0:
             await asyncio.sleep(simulated / bandwidth_bytes_per_s)
     where = f"decode worker at {target.host}:{target.port}"
+    loaded = load_cluster_secret()
+    secret = loaded.encode("ascii") if loaded is not None else None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -61,6 +66,8 @@ async def send_kv(
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                listener = f"the KV listener at {target.host}:{target.port}"
+                await handshake.connect_stream(reader, writer, secret, listener)
                 writer.write(encode_frame(header))
                 reply = await read_frame(reader, KvTransferReply)
                 if reply is not None and reply.ok and header.error is None:
@@ -73,6 +80,8 @@ async def send_kv(
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
+    except handshake.HandshakeRefusedError as exc:
+        raise KvTransferRefusedError(str(exc)) from None
     except (OSError, TimeoutError, asyncio.IncompleteReadError, KvFrameError) as exc:
         raise KvTransferRefusedError(f"{where} unreachable ({type(exc).__name__})") from exc
     if reply is None or not reply.ok:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from servegrid.distributed import env
+from servegrid.distributed.errors import SetupError
 from servegrid.distributed.runtime import DistributedRuntime
 from servegrid.sdk.config import ServiceConfig
 from servegrid.sdk.context import servegrid_context
@@ -197,7 +198,7 @@ def run_main(main_coroutine: Callable[[], Awaitable[None]]) -> None:
     install_uvloop()
     try:
         asyncio.run(main_coroutine())
-    except UserError as exc:
+    except (UserError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except ConnectionError as exc:
