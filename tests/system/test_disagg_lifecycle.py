@@ -1,7 +1,8 @@
 """Kills and drains of a decode worker in the disaggregated graph (configs/disagg.yaml), with
 streams in flight, some decoding from remotely computed KV and some still waiting for it.
 
-Real processes under ``servegrid serve`` (its private nats-server carries the prefill queue):
+Real processes under ``servegrid serve`` with a cluster secret (its private nats-server carries
+the prefill queue; every request-plane and KV-transfer connection is authenticated):
 two decode Workers and one slow PrefillWorker, so a long prompt's remote prefill lasts long
 enough to be caught waiting. Each test starts a first wave of streams (long prompts, remotely
 prefilled, and short ones), waits until each has its first token, then a second wave of long
@@ -29,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servegrid.distributed import env
 from servegrid.distributed.discovery.file import FileDiscovery
 from servegrid.distributed.embedded_nats import free_port
 from servegrid.distributed.runtime import DistributedRuntime
@@ -40,6 +42,7 @@ DISAGG = str(REPO / "configs" / "disagg.yaml")
 NAMESPACE = "disagg-lifecycle"
 MAX_TOKENS = 300  # at speedup 0.5, seconds of decoding: longer than any signal takes
 LONG_WORDS = 400  # a long prompt: well over max-local-prefill-length, so prefilled remotely
+CLUSTER_SECRET = "disagg-lifecycle-test-secret-0123"
 
 
 @dataclass
@@ -65,7 +68,12 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
         "--Worker.max-prefill-queue-size=16",
         "--PrefillWorker.speedup-ratio=0.03",  # a remote prefill takes about a second
     ]
-    environment = {"SERVEGRID_DISCOVERY_DIR": str(discovery), "SERVEGRID_NAMESPACE": NAMESPACE}
+    environment = {
+        env.SERVEGRID_DISCOVERY_DIR: str(discovery),
+        env.SERVEGRID_NAMESPACE: NAMESPACE,
+        # Served as a cluster is: every request-plane and KV-transfer connection authenticated.
+        env.SERVEGRID_CLUSTER_SECRET: CLUSTER_SECRET,
+    }
     with serve(args, env=environment) as served:
         url = f"http://127.0.0.1:{port}"
         served.wait_for_output("Worker ready", timeout=90, count=2)
@@ -76,7 +84,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
 
 @pytest.fixture
 async def runtime(graph: Graph) -> AsyncIterator[DistributedRuntime]:
-    rt = DistributedRuntime(FileDiscovery(graph.discovery))
+    rt = DistributedRuntime(FileDiscovery(graph.discovery), cluster_secret=CLUSTER_SECRET)
     try:
         yield rt
     finally:
