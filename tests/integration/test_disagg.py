@@ -186,6 +186,21 @@ class TestWithOnePrefillWorker:
         assert handled[reply["id"]]["outcome"] == "sent"
         assert handled[reply["id"]]["tokens"] == reply["usage"]["prompt_tokens"] - 1
 
+    async def test_a_2300_token_prompt_is_prefilled_once_and_delivered_once(
+        self, prefill, decode_url, runtime
+    ):
+        # The size at which a doubled "prefilled ... sent" line was reported (issue 10).
+        await wait_for_prefill_workers(runtime, 1)
+        before = await decode_stats(runtime)
+        reply = await complete(decode_url, prompt("sizeable", 1150))
+        assert 2200 < reply["usage"]["prompt_tokens"] < 2400
+        after = await decode_stats(runtime)
+        assert grew(before["decisions"], after["decisions"]) == {"remote": 1}
+        assert after["transfers_received"] == before["transfers_received"] + 1
+        [status] = await prefill_statuses(runtime, 1)
+        mine = [h for h in status["handled"] if h["request_id"] == reply["id"]]
+        assert [(h["outcome"], h["deliveries"]) for h in mine] == [("sent", 1)]
+
     async def test_short_prompt_stays_local(self, prefill, decode_url, runtime):
         before = await decisions(runtime)
         await complete(decode_url, "a short question")
