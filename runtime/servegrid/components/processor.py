@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
-from servegrid.components.router import Router, WorkerPicker
+from servegrid.components.router import Router, WorkerPicker, live_worker_ids
 from servegrid.components.worker import Worker
 from servegrid.distributed.errors import ConnectionLostError, NoInstancesError
 from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
@@ -154,7 +154,7 @@ class Processor:
         if self.use_router:
             return await self.router.route(request)
         assert self._workers is not None
-        return self.picker.route(request, self._workers.instance_ids())
+        return self.picker.route(request, await live_worker_ids(self._workers))
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
