@@ -32,6 +32,14 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
     """The mocker engine with the disaggregation interface (``engines.disagg``)."""
 
     _layout: KvLayout | None = None
+    # kv-transfer-bytes: the bytes carry nothing, so one zeroed buffer serves every transfer
+    # (sent from, received into) instead of fresh memory each time.
+    _scratch: bytearray = bytearray()
+
+    def _scratch_view(self, size: int) -> memoryview:
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        return memoryview(self._scratch)[:size]
 
     def kv_layout(self) -> KvLayout:
         if self._layout is None:
@@ -67,7 +75,7 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
         expected = self.kv_layout().bytes_for(reservation.num_tokens - reservation.first_token)
         if sum(sizes) != expected:
             raise KvTransferError(f"{sum(sizes)} bytes of KV sent, {expected} reserved")
-        return [memoryview(bytearray(size)) for size in sizes]
+        return [self._scratch_view(size) for size in sizes]
 
     def commit_kv(self, reservation: KvReservation) -> None:
         seq: _Seq = reservation.state
@@ -117,7 +125,7 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
         async for _ in self.generate(prefill):
             pass
         logical = self.kv_layout().bytes_for(num_tokens - first_token)
-        segments = [memoryview(bytearray(logical))] if self.config.kv_transfer_bytes else []
+        segments = [self._scratch_view(logical)] if self.config.kv_transfer_bytes else []
         return PrefilledKv(first_token, num_tokens, logical, segments)
 
 
