@@ -101,6 +101,10 @@ class RemotePrefill:
             # Reservations waiting for their KV now (a prefill worker is computing it).
             "pending_transfers": receiver.pending if receiver else 0,
             "decoding_from_remote_kv": self.decoding_remote,
+            # The KV listener's defences at work (kv_transfer/receiver.py).
+            "kv_connections_over_cap": receiver.connections_refused if receiver else 0,
+            "kv_connections_dropped": receiver.connections_dropped if receiver else 0,
+            "kv_handshakes_refused": receiver.refused_connections if receiver else 0,
         }
 
     async def _decide(self, request: EngineRequest) -> str | None:
