@@ -225,6 +225,28 @@ class TestWithOnePrefillWorker:
         assert grew(before, await decisions(runtime)) == {"remote": 1, "local_short": 1}
         assert remote["choices"][0]["text"] == local["choices"][0]["text"]
 
+    async def test_a_prefill_worker_that_takes_nothing_means_local_prefill_at_the_deadline(
+        self, prefill, decode_url, runtime
+    ):
+        [status] = await prefill_statuses(runtime, 1)
+        os.kill(status["pid"], signal.SIGSTOP)  # registered, alive, and taking nothing
+        try:
+            await asyncio.sleep(1.5)  # its outstanding pull request expires
+            before = await decisions(runtime)
+            reply = await complete(decode_url, prompt("stalled"))  # after the deadline
+            assert grew(before, await decisions(runtime)) == {"local_deadline": 1}
+        finally:
+            os.kill(status["pid"], signal.SIGCONT)
+        # Awake again, it takes the item, sees its deadline passed and drops it.
+        deadline = time.monotonic() + 20
+        while True:
+            [status] = await prefill_statuses(runtime, 1)
+            mine = [h["outcome"] for h in status["handled"] if h["request_id"] == reply["id"]]
+            if mine or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert mine == ["expired"]
+
     async def test_full_queue_keeps_prefill_local(self, prefill, decode_url, runtime):
         [status] = await prefill_statuses(runtime, 1)
         pid = status["pid"]
@@ -280,7 +302,7 @@ async def test_prefill_worker_killed_mid_request_is_redelivered(cluster_env, dec
         assert killed not in {s["pid"] for s in statuses}
 
 
-async def test_prefill_worker_killed_with_none_left_means_local_prefill_after_deadline(
+async def test_prefill_worker_killed_with_none_left_means_local_prefill_at_once(
     cluster_env, decode_url, runtime
 ):
     with prefill_workers(cluster_env, 1, SLOW_PREFILL) as served:
@@ -294,5 +316,7 @@ async def test_prefill_worker_killed_with_none_left_means_local_prefill_after_de
         # The whole prefill node dies: its supervisor (no restart) and the worker, at once.
         kill_quietly(served.pid, signal.SIGKILL)
         kill_quietly(status["pid"], signal.SIGKILL)
+        # Its entries leave discovery with it: the decode worker stops waiting for the KV
+        # (not for remote-prefill-timeout) and prefills the prompt itself.
         await asyncio.wait_for(request, DEADLINE_S + 30)
-        assert grew(before, await decisions(runtime)) == {"local_deadline": 1}
+        assert grew(before, await decisions(runtime)) == {"local_prefill_workers_left": 1}

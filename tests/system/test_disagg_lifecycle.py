@@ -14,7 +14,8 @@ streams decoding from received KV and reservations still waiting for it
   so far) and every client gets its whole answer;
 - SIGTERM: the worker drains: it still accepts the KV of the reservations it made, decodes
   from it, and every client gets its whole answer, none of it migrated;
-- SIGKILL of every decode worker: each stream ends with a ``worker_lost`` error event.
+- SIGKILL of every decode worker: each stream ends with a ``worker_lost`` error event;
+- SIGTERM to ``servegrid serve`` with prefills still queued: every stream completes.
 """
 
 from __future__ import annotations
@@ -221,3 +222,30 @@ async def test_sigkill_of_every_decode_worker_ends_each_stream_with_an_error(gra
         assert result.finish_reason is None
         assert result.error is not None and result.error["code"] == "worker_lost", result.error
     assert "Traceback" not in graph.served.text()
+
+
+async def test_sigterm_to_serve_completes_every_stream_with_prefills_still_queued(
+    graph: Graph, runtime
+):
+    """The whole graph stops: its prefill worker takes no new item, so the decode workers
+    prefill what is still queued themselves (not after remote-prefill-timeout) and drain."""
+    await wait_for_decode_workers(graph, runtime, 2)  # both were killed and restarted
+    async with httpx.AsyncClient(timeout=120) as http:
+        first = [long_body(300), long_body(301)]
+        first += [chat_body(302 + n, MAX_TOKENS) for n in range(2)]
+        results, tasks = await start_streams(http, graph.url, first)
+        second = [StreamResult() for _ in range(8)]  # twice the prefill worker's 4 slots
+        tasks += [
+            asyncio.create_task(stream_chat(http, graph.url, long_body(310 + n), result))
+            for n, result in enumerate(second)
+        ]
+        deadline = time.monotonic() + 60
+        while sum(s["pending_transfers"] for s in (await decode_workers(runtime)).values()) < 5:
+            assert time.monotonic() < deadline, "the prefill queue never held an untaken item"
+            await asyncio.sleep(0.02)
+        graph.served.proc.send_signal(signal.SIGTERM)
+        await asyncio.gather(*tasks)
+    assert_all_complete(results + second, graph)
+    assert await asyncio.to_thread(graph.served.proc.wait, 60) == 0
+    assert "killing it" not in graph.served.text()
+    assert "no prefill worker is left to take it" in graph.served.text()
