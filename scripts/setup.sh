@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian 12 machine for servegrid: system packages, then .venv with the
-# package, its dev tools and the stacks' Pulumi SDKs (tests/stacks runs them under mocks).
+# package, its dev tools, the stacks' Pulumi SDKs (tests/stacks runs them under mocks) and the
+# torch engine's extra (torch pinned to one release, a CPU build here; transformers), which
+# the torch engine's tests run.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
-echo "setup: installing servegrid (editable) with its dev tools and the Pulumi stacks into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,stacks]" 2>&1 | grep -v "^WARNING: Location" || true
+echo "setup: installing servegrid (editable) with its dev tools, the Pulumi stacks and torch into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,stacks,torch]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/servegrid --help >/dev/null
 echo "setup: done (.venv/bin/servegrid)"

@@ -10,6 +10,7 @@ was prefilled and why, KV transfers received) and each PrefillWorker's ``status`
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -25,8 +26,9 @@ from servegrid.distributed import env
 from servegrid.distributed.embedded_nats import free_port
 from servegrid.distributed.runtime import DistributedRuntime
 from servegrid.engines.base import EngineRequest
+from servegrid.engines.disagg import KvLayout
 from servegrid.kv_transfer import KvTarget
-from servegrid.llm.model_init import BUILTIN_MODEL
+from servegrid.llm.model_init import BUILTIN_MODEL, ensure_model
 from tests.integration.servers import NatsServer, require_binary
 from tests.support.procs import kill_quietly
 from tests.support.serving import REPO, ServedGraph, serve
@@ -38,6 +40,11 @@ QUEUE_SIZE = 2  # max-prefill-queue-size
 DEADLINE_S = 12.0  # remote-prefill-timeout: then the decode worker prefills locally
 ACK_WAIT_S = 2.0  # prefill-ack-wait: a dead prefill worker's item is redelivered after this
 SLOW_PREFILL = "--PrefillWorker.speedup-ratio=0.02"  # ~1.6 s for 1,000 tokens: time to kill it
+
+
+def tiny_chat_kv_bytes_per_token() -> int:
+    config = json.loads((ensure_model(BUILTIN_MODEL) / "config.json").read_text())
+    return KvLayout.from_model_config(config).bytes_per_token
 
 
 def prompt(tag: str, words: int = 400) -> str:
@@ -178,9 +185,9 @@ class TestWithOnePrefillWorker:
         after = await decode_stats(runtime)
         assert grew(before["decisions"], after["decisions"]) == {"remote": 1}
         assert after["transfers_received"] == before["transfers_received"] + 1
-        # The KV of every prompt token but the last moved (tiny-chat: 512 bytes a token).
+        # The KV of every prompt token but the last moved, sized from tiny-chat's config.json.
         moved = after["logical_bytes_received"] - before["logical_bytes_received"]
-        assert moved == (reply["usage"]["prompt_tokens"] - 1) * 512
+        assert moved == (reply["usage"]["prompt_tokens"] - 1) * tiny_chat_kv_bytes_per_token()
         [status] = await prefill_statuses(runtime, 1)
         handled = {h["request_id"]: h for h in status["handled"]}
         assert handled[reply["id"]]["outcome"] == "sent"

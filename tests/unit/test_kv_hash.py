@@ -72,3 +72,14 @@ def test_every_token_of_a_block_counts():
         changed[i] += 1
         assert hash_block(changed) != base
     assert hash_block([1, 0]) != hash_block([256, 0])  # packed as uint32, not bytes
+
+
+def test_a_salt_separates_chains_from_their_first_block():
+    tokens = list(range(48))
+    plain = block_hashes(tokens, 16)
+    salted = block_hashes(tokens, 16, salt="adapter-a")
+    assert block_hashes(tokens, 16, salt=None) == plain
+    assert not set(salted) & set(plain)  # every block differs, through the chain
+    assert salted != block_hashes(tokens, 16, salt="adapter-b")
+    assert salted[0] == hash_block(tokens[:16], salt="adapter-a")
+    assert salted[1] == hash_block(tokens[16:32], salted[0])  # later blocks just chain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from servegrid.llm.model_init import (
     BUILTIN_MODEL,
+    BUILTIN_REVISION,
     ModelNotFoundError,
     default_model_dir,
     ensure_model,
@@ -19,8 +21,34 @@ from servegrid.llm.model_init import (
 )
 
 
+def read_safetensors_parameters(path: Path) -> int:
+    """Parameters a safetensors file declares, checking its offsets tile the data exactly."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header.pop("__metadata__", None)
+    spans = sorted(tuple(t["data_offsets"]) for t in header.values())
+    assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    total = 0
+    for tensor in header.values():
+        count = 1
+        for dim in tensor["shape"]:
+            count *= dim
+        assert (
+            tensor["dtype"] == "F32"
+            and 4 * count == tensor["data_offsets"][1] - tensor["data_offsets"][0]
+        )
+        total += count
+    return total
+
+
 def read_all(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_init_model_writes_a_hugging_face_directory(tmp_path):
@@ -31,10 +59,12 @@ def test_init_model_writes_a_hugging_face_directory(tmp_path):
         "tokenizer_config.json",
         "config.json",
         "generation_config.json",
+        "model.safetensors",
     } <= names
     config = json.loads((model / "config.json").read_text())
     assert config["model_type"] == "llama"
     assert config["vocab_size"] == 2048
+    assert 2_000_000 < read_safetensors_parameters(model / "model.safetensors") < 5_000_000
     tok_config = json.loads((model / "tokenizer_config.json").read_text())
     assert "add_generation_prompt" in tok_config["chat_template"]
     assert tok_config["eos_token"] == "<|im_end|>"
@@ -61,9 +91,31 @@ def test_init_model_refuses_to_overwrite_other_files(tmp_path):
 def test_ensure_model_builds_the_builtin_model_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setenv("SERVEGRID_HOME", str(tmp_path))
     path = ensure_model(BUILTIN_MODEL)
-    assert path == default_model_dir() == tmp_path / "models" / "tiny-chat"
+    assert path == default_model_dir() == tmp_path / "models" / f"tiny-chat-r{BUILTIN_REVISION}"
     assert (path / "tokenizer.json").is_file()
+    assert not (path / "model.safetensors").exists()  # the mocker needs no weights
     assert ensure_model(BUILTIN_MODEL) == path
+    # An engine that runs the model asks for weights; the existing directory gets them.
+    assert ensure_model(BUILTIN_MODEL, weights=True) == path
+    assert (path / "model.safetensors").is_file()
+
+
+def test_model_init_cli_without_weights_writes_only_the_tokenizer(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "servegrid.cli",
+            "model",
+            "init",
+            "--no-weights",
+            str(tmp_path / "m"),
+        ],
+        check=True,
+        timeout=120,
+    )
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
 def test_ensure_model_accepts_any_local_directory_with_a_tokenizer(tmp_path):

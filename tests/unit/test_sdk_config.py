@@ -71,6 +71,18 @@ def test_common_is_merged_only_into_services_that_list_it_and_own_values_win():
     assert "model" not in merged["Middle"]
 
 
+def test_common_override_reaches_services_that_list_the_key():
+    yaml_cfg = {
+        "Common": {"model": "common-model"},
+        "Leaf": {"common-configs": ["model"]},
+    }
+    merged = merge_config(resolve(Entry), yaml_cfg, parse_overrides(["--Common.model=/m"]))
+    assert merged["Leaf"]["model"] == "/m"
+    # A service's own override still beats Common's.
+    both = parse_overrides(["--Common.model=/m", "--Leaf.model=/own"])
+    assert merge_config(resolve(Entry), yaml_cfg, both)["Leaf"]["model"] == "/own"
+
+
 def test_common_key_that_does_not_exist_is_an_error():
     with pytest.raises(ConfigError, match="'Common' has no such key"):
         merge_config(resolve(Entry), {"Common": {}, "Leaf": {"common-configs": ["model"]}}, {})

@@ -111,12 +111,20 @@ def model_init(
     directory: Annotated[Path, typer.Argument(help="Where to write the model")],
     vocab_size: Annotated[int, typer.Option("--vocab-size")] = 2048,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model")] = False,
+    weights: Annotated[
+        bool,
+        typer.Option(
+            "--weights/--no-weights",
+            help="Write random Llama weights (model.safetensors) for the torch engine",
+        ),
+    ] = True,
 ) -> None:
-    """Write the tiny offline chat model (tokenizer, chat template, config) to DIRECTORY."""
+    """Write the tiny offline chat model (tokenizer, chat template, config, random weights)
+    to DIRECTORY."""
     from servegrid.llm.model_init import init_model
 
     try:
-        path = init_model(directory, vocab_size=vocab_size, force=force)
+        path = init_model(directory, vocab_size=vocab_size, force=force, weights=weights)
     except (FileExistsError, ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"model written to {path}")

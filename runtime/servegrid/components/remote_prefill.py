@@ -107,6 +107,8 @@ class RemotePrefill:
             "queue": {"namespace": self.namespace, "name": PREFILL_QUEUE},
             "transfers_received": receiver.transfers_received if receiver else 0,
             "logical_bytes_received": receiver.logical_bytes_received if receiver else 0,
+            # Bytes that really crossed the bulk path (KV tensors; 0 for the mocker).
+            "bytes_received": receiver.bytes_received if receiver else 0,
             "refused_transfers": receiver.refused if receiver else 0,
             # Reservations waiting for their KV now (a prefill worker is computing it).
             "pending_transfers": receiver.pending if receiver else 0,

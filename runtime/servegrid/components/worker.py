@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 from servegrid.components.prefill_worker import PrefillWorker
 from servegrid.components.remote_prefill import DisaggSettings, RemotePrefill
-from servegrid.engines.base import Engine, EngineOutput, EngineRequest
+from servegrid.engines.base import Engine, EngineConfigError, EngineOutput, EngineRequest
 from servegrid.engines.disagg import supports_kv_transfer
 from servegrid.engines.registry import create_engine
+from servegrid.errors import InvalidRequestError
 from servegrid.kv_router.protocol import KV_BLOCKS_ENDPOINT, KvSnapshot
 from servegrid.kv_router.publisher import KvPublisher, start_publisher
 from servegrid.llm.model_init import BUILTIN_MODEL
@@ -56,7 +57,11 @@ class Worker:
         self.served_model_name = served_model_name or model
         name = spec_of(type(self)).name
         settings = ServiceConfig.get_instance().settings(name)
-        self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        try:
+            self.engine: Engine = create_engine(engine, {**settings, "model": model})
+        except EngineConfigError as exc:
+            # A config mistake: one line and no restart loop, not a traceback.
+            raise ConfigError(f"{name}: {exc}") from None
         self.kv_publisher: KvPublisher | None = None
         self.remote: RemotePrefill | None = None
         if remote_prefill:
@@ -77,7 +82,10 @@ class Worker:
 
     @async_on_start
     async def start_engine(self) -> None:
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except EngineConfigError as exc:
+            raise ConfigError(f"{spec_of(type(self)).name}: {exc}") from None
         self.kv_publisher = await start_publisher(self, self.engine)
         if self.remote is not None:
             instance_id = servegrid_context.instance_id(spec_of(type(self)).name)
@@ -118,6 +126,18 @@ class Worker:
             "active_requests": metrics.active_requests,
             "waiting_requests": metrics.waiting_requests,
         }
+
+    @endpoint()
+    async def load_lora(self, adapter: dict) -> dict:
+        """Load a LoRA adapter at run time: ``{"name": ..., "path": PEFT directory}``; the
+        answer lists the adapters loaded now. Requests name one in ``lora_name``."""
+        try:
+            await self.engine.load_lora(str(adapter["name"]), str(adapter["path"]))
+        except KeyError as exc:
+            raise InvalidRequestError(f"load_lora needs {exc.args[0]!r}") from None
+        except EngineConfigError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return {"lora_adapters": self.engine.lora_names()}
 
     @endpoint(KV_BLOCKS_ENDPOINT)
     async def kv_blocks(self, _: None = None) -> KvSnapshot:

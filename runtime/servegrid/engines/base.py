@@ -86,6 +86,15 @@ class Engine(abc.ABC):
         """
         return None
 
+    def lora_names(self) -> list[str]:
+        """LoRA adapters loaded now: a request may name one (``EngineRequest.lora_name``)."""
+        return []
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (PEFT format directory) under ``name``; engines without LoRA
+        support refuse."""
+        raise EngineConfigError(f"this engine does not run LoRA adapters (asked for {name!r})")
+
     def cached_block_hashes(self) -> list[int]:
         """Every block hash the cache holds now, any order (a router's re-synchronisation).
 

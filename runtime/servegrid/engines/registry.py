@@ -18,6 +18,8 @@ EngineFactory = Callable[[Mapping[str, Any]], Engine]
 _BUILTIN: dict[str, str] = {
     "mocker": "servegrid.engines.mocker:create",
     "echo": "servegrid.engines.echo:create",
+    "torch": "servegrid.engines.torch:create",
+    "vllm": "servegrid.engines.vllm:create",
 }
 _EXTRA_OF: dict[str, str] = {"torch": "torch", "vllm": "vllm"}
 _registered: dict[str, EngineFactory] = {}

@@ -31,25 +31,43 @@ def _packed(token_ids: Sequence[int]) -> array:
     return ids
 
 
-def hash_block(token_ids: Sequence[int], parent_hash: int | None = None) -> int:
-    """The hash of one block of token ids that follows the block hashed ``parent_hash``."""
-    return xxh3_64_intdigest(_packed(token_ids), _ROOT if parent_hash is None else parent_hash)
+def _root(salt: str | None) -> int:
+    # A sequence's first block is seeded with the salt (a LoRA adapter's name), so blocks
+    # computed under different adapters never share a hash, and so never a cache entry.
+    return _ROOT if salt is None else xxh3_64_intdigest(salt.encode(), _ROOT)
+
+
+def hash_block(
+    token_ids: Sequence[int], parent_hash: int | None = None, *, salt: str | None = None
+) -> int:
+    """The hash of one block of token ids that follows the block hashed ``parent_hash``.
+
+    ``salt`` applies to a sequence's first block only (``parent_hash`` None); later blocks
+    inherit it through the chain.
+    """
+    seed = _root(salt) if parent_hash is None else parent_hash
+    return xxh3_64_intdigest(_packed(token_ids), seed)
 
 
 def block_hashes(
-    token_ids: Sequence[int], block_size: int, parent_hash: int | None = None
+    token_ids: Sequence[int],
+    block_size: int,
+    parent_hash: int | None = None,
+    *,
+    salt: str | None = None,
 ) -> list[int]:
     """Hashes of every *full* block of ``token_ids``, parent first; a partial tail is ignored.
 
-    ``parent_hash`` continues a chain (the hash of the block just before ``token_ids``).
-    Equal to hashing each block with ``hash_block`` and its parent, only faster.
+    ``parent_hash`` continues a chain (the hash of the block just before ``token_ids``);
+    ``salt`` (a LoRA adapter's name) seeds a chain that starts here. Equal to hashing each
+    block with ``hash_block`` and its parent, only faster.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     raw = memoryview(_packed(token_ids)).cast("B")
     step = block_size * 4
     full = (len(raw) // step) * step
-    parent = _ROOT if parent_hash is None else parent_hash
+    parent = _root(salt) if parent_hash is None else parent_hash
     out: list[int] = []
     append = out.append
     for start in range(0, full, step):

@@ -1,11 +1,14 @@
 """Build and locate small Hugging Face-format model directories, offline.
 
-``init_model`` makes a tiny chat model directory (no weights): a byte-level BPE tokenizer
-trained on the corpus shipped in ``llm/data/corpus.txt``, a ChatML chat template, and a
-small llama-like ``config.json``. The output is byte-for-byte the same on every run, so tests
-and clusters built from one release agree on token ids. ``ensure_model`` turns a graph
-config's ``model`` value into a directory: the built-in name builds the default model on
-first use; anything else must be a local HF directory with a tokenizer.
+``init_model`` makes a tiny chat model directory: a byte-level BPE tokenizer trained on the
+corpus shipped in ``llm/data/corpus.txt``, a ChatML chat template, a small Llama
+``config.json`` and (unless asked not to) random weights for it in ``model.safetensors``
+(about 2.9 M parameters, ``llm.tiny_weights``), so the torch engine runs a real transformer
+with no download. The output is byte-for-byte the same on every run, so tests and clusters
+built from one release agree on token ids and on generated tokens. ``ensure_model`` turns a
+graph config's ``model`` value into a directory: the built-in name builds the default model on
+first use (weights only when an engine needs them); anything else must be a local HF
+directory with a tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from servegrid.distributed import env
+from servegrid.llm.tiny_weights import WEIGHTS_FILE, write_lora, write_weights
 
 # The one name configs use for the model servegrid builds itself.
 BUILTIN_MODEL = "servegrid/tiny-chat"
@@ -41,17 +45,29 @@ CHAT_TEMPLATE = (
 )
 
 REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json")
+# With weights, init_model also writes a LoRA adapter for them, here inside the model dir.
+TINY_LORA_NAME = "tiny-lora"
+
+
+def tiny_lora_dir(model_dir: Path) -> Path:
+    """Where ``init_model`` puts the tiny model's LoRA adapter (PEFT format)."""
+    return Path(model_dir) / "adapters" / TINY_LORA_NAME
 
 
 class ModelNotFoundError(Exception):
     """A configured model is not a usable local model directory."""
 
 
+# Bump when the files ``init_model`` writes change: a cached built-in model of an older
+# revision is then rebuilt beside it instead of being used with stale files.
+BUILTIN_REVISION = 2
+
+
 def default_model_dir() -> Path:
-    """Where the built-in model lives: ``$SERVEGRID_HOME/models/tiny-chat``."""
+    """Where the built-in model lives: ``$SERVEGRID_HOME/models/tiny-chat-r<revision>``."""
     home = os.environ.get(env.SERVEGRID_HOME)
     base = Path(home) if home else Path.home() / ".cache" / "servegrid"
-    return base / "models" / "tiny-chat"
+    return base / "models" / f"tiny-chat-r{BUILTIN_REVISION}"
 
 
 def _corpus_path() -> Path:
@@ -102,20 +118,20 @@ def _model_files(vocab_size: int, tokenizer_json: str) -> dict[str, str]:
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 2048,
+        "model_max_length": 4096,
     }
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
         "hidden_act": "silu",
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "initializer_range": 0.02,
@@ -149,12 +165,17 @@ def _model_files(vocab_size: int, tokenizer_json: str) -> dict[str, str]:
 
 
 def init_model(
-    directory: Path, *, vocab_size: int = DEFAULT_VOCAB_SIZE, force: bool = False
+    directory: Path,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    force: bool = False,
+    weights: bool = True,
 ) -> Path:
     """Write the tiny chat model into ``directory`` and return it.
 
-    An existing model directory is left alone unless ``force``; a non-empty directory that
-    is not a model is refused so a typo never overwrites someone's files.
+    ``weights=False`` writes the tokenizer and configs only (what the mocker needs). An
+    existing model directory is left alone unless ``force``; a non-empty directory that is
+    not a model is refused so a typo never overwrites someone's files.
     """
     directory = Path(directory).expanduser()
     if vocab_size < 300:
@@ -177,6 +198,13 @@ def init_model(
         tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
+        if weights:
+            config = json.loads(files["config.json"])
+            write_weights(tmp, config)
+            adapter = tiny_lora_dir(tmp)
+            adapter.mkdir(parents=True)
+            # The base named by name, not path: the files stay the same wherever they are.
+            write_lora(adapter, config, TINY_LORA_NAME, BUILTIN_MODEL)
         # Only --force replaces; otherwise a directory that appeared meanwhile is another
         # process's identical model, and deleting it would pull it from under its readers.
         if force and directory.exists():
@@ -193,14 +221,34 @@ def init_model(
     return directory
 
 
-def ensure_model(path_or_name: str | os.PathLike[str]) -> Path:
+def add_weights(directory: Path) -> Path:
+    """Give a tokenizer-only tiny model directory its weights (atomically; idempotent)."""
+    target = directory / WEIGHTS_FILE
+    if target.is_file():
+        return directory
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    tmp = Path(tempfile.mkdtemp(prefix=".weights.", dir=directory))
+    try:
+        write_weights(tmp, config)
+        (tmp / WEIGHTS_FILE).chmod(0o644)
+        # Concurrent writers produce identical bytes, so whichever rename lands last is fine.
+        (tmp / WEIGHTS_FILE).rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def ensure_model(path_or_name: str | os.PathLike[str], *, weights: bool = False) -> Path:
     """The local model directory for a config's ``model`` value, building the built-in one.
 
-    Raises ``ModelNotFoundError`` saying which path is wrong and how to make one.
+    ``weights=True``: the caller runs the model, so the built-in model gets its weights if
+    an earlier, tokenizer-only use built it without them. Raises ``ModelNotFoundError``
+    saying which path is wrong and how to make one.
     """
     value = os.fspath(path_or_name)
     if value == BUILTIN_MODEL:
-        return init_model(default_model_dir())
+        directory = init_model(default_model_dir(), weights=weights)
+        return add_weights(directory) if weights else directory
     path = Path(value).expanduser()
     if not path.is_dir():
         raise ModelNotFoundError(

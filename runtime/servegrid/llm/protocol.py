@@ -36,6 +36,7 @@ class EngineRequest(msgspec.Struct, omit_defaults=True):
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    lora_name: str | None = None  # run with this LoRA adapter (loaded on the worker)
 
 
 class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):

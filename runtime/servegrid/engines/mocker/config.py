@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from servegrid.engines.base import EngineConfigError
+from servegrid.engines.settings import read_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,14 +29,7 @@ class MockerConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MockerConfig:
         """Pick this engine's keys out of a service config; other keys are not ours."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            raw = config.get(key, config.get(f.name))
-            if raw is None:
-                continue
-            values[f.name] = _coerce(key, raw, f.type)
-        cfg = cls(**values)
+        cfg = read_settings(cls, config, "mocker")
         cfg._check()
         return cfg
 
@@ -61,26 +55,3 @@ class MockerConfig:
                 f"({self.max_num_batched_tokens}) must be at least max-model-len "
                 f"({self.max_model_len}), or a long prompt could never be scheduled"
             )
-
-
-def _coerce(key: str, raw: Any, type_name: Any) -> Any:
-    kind = str(type_name)
-    try:
-        if kind.startswith("bool"):
-            if isinstance(raw, str):
-                if raw.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if raw.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(raw)
-            return bool(raw)
-        if kind.startswith("int"):
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(raw)
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-        return str(raw)
-    except (TypeError, ValueError):
-        expected = kind.split(" ")[0]
-        raise EngineConfigError(f"mocker: {key} must be {expected}, got {raw!r}") from None
