@@ -106,7 +106,7 @@ async def test_a_header_announcing_more_than_the_reservation_holds_is_refused(en
     reply = await asyncio.wait_for(read_frame(reader, KvTransferReply), 30)
     allowed = engine.kv_layout().bytes_for(99)
     assert reply is not None and not reply.ok
-    assert f"{4 * GIB} bytes announced" in reply.error and f"is {allowed} bytes" in reply.error
+    assert f"{4 * GIB} bytes announced" in reply.error and f"takes at most {allowed}" in reply.error
     assert await closed_by_peer(reader)
     writer.close()
     # The decode request learns at once and prefills locally.

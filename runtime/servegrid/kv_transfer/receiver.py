@@ -7,8 +7,8 @@ the listener refuses to start beyond loopback without one, as the request plane 
 What a peer can make it hold is bounded: at most ``max_connections`` connections at once
 (more are closed as they arrive), one transfer a connection, the handshake and then the
 header each within ``read_timeout``, no pause longer than ``read_timeout`` while the segments
-arrive, and no more bytes than the reservation's KV is long (``engine.kv_layout()``, from the
-model's config). A transfer nobody expects is refused before any of its bytes are read.
+arrive, and no more bytes than the reservation's KV is long (``engine.kv_transfer_limit``,
+from the model's config). A transfer nobody expects is refused before any of its bytes are read.
 """
 
 from __future__ import annotations
@@ -213,9 +213,7 @@ class KvReceiver:
             _fail(pending, header.error)
             return KvTransferReply(True)
         reservation = pending.reservation
-        allowed = self.engine.kv_layout().bytes_for(
-            reservation.num_tokens - reservation.first_token
-        )
+        allowed = self.engine.kv_transfer_limit(reservation)
         problem = check_header(header, reservation.first_token, reservation.num_tokens, allowed)
         if problem is not None:
             # A sender that cannot fill this reservation: prefill locally at once.

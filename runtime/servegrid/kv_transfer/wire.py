@@ -60,8 +60,8 @@ class KvFrameError(ValueError):
 def check_header(
     header: KvTransferHeader, first_token: int, num_tokens: int, allowed_bytes: int
 ) -> str | None:
-    """Why ``header`` cannot fill a reservation of tokens ``[first_token, num_tokens)`` whose
-    KV is ``allowed_bytes`` long (from the model's layout); None when it can."""
+    """Why ``header`` cannot fill a reservation of tokens ``[first_token, num_tokens)`` that
+    takes at most ``allowed_bytes`` (``kv_transfer_limit``); None when it can."""
     if (header.first_token, header.num_tokens) != (first_token, num_tokens):
         return (
             f"tokens [{header.first_token}, {header.num_tokens}) were sent, "
@@ -76,7 +76,7 @@ def check_header(
     if total > allowed_bytes or not 0 <= header.logical_bytes <= allowed_bytes:
         return (
             f"{max(total, header.logical_bytes)} bytes announced for tokens "
-            f"[{first_token}, {num_tokens}), whose KV is {allowed_bytes} bytes"
+            f"[{first_token}, {num_tokens}), whose reservation takes at most {allowed_bytes}"
         )
     return None
 
