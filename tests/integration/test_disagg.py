@@ -193,6 +193,21 @@ class TestWithOnePrefillWorker:
         assert handled[reply["id"]]["outcome"] == "sent"
         assert handled[reply["id"]]["tokens"] == reply["usage"]["prompt_tokens"] - 1
 
+    async def test_a_2300_token_prompt_is_prefilled_once_and_delivered_once(
+        self, prefill, decode_url, runtime
+    ):
+        # The size at which a doubled "prefilled ... sent" line was reported (issue 10).
+        await wait_for_prefill_workers(runtime, 1)
+        before = await decode_stats(runtime)
+        reply = await complete(decode_url, prompt("sizeable", 1150))
+        assert 2200 < reply["usage"]["prompt_tokens"] < 2400
+        after = await decode_stats(runtime)
+        assert grew(before["decisions"], after["decisions"]) == {"remote": 1}
+        assert after["transfers_received"] == before["transfers_received"] + 1
+        [status] = await prefill_statuses(runtime, 1)
+        mine = [h for h in status["handled"] if h["request_id"] == reply["id"]]
+        assert [(h["outcome"], h["deliveries"]) for h in mine] == [("sent", 1)]
+
     async def test_short_prompt_stays_local(self, prefill, decode_url, runtime):
         before = await decisions(runtime)
         await complete(decode_url, "a short question")
@@ -216,6 +231,28 @@ class TestWithOnePrefillWorker:
         local = await complete(decode_url, text, max_tokens=24, seed=1234, temperature=0)
         assert grew(before, await decisions(runtime)) == {"remote": 1, "local_short": 1}
         assert remote["choices"][0]["text"] == local["choices"][0]["text"]
+
+    async def test_a_prefill_worker_that_takes_nothing_means_local_prefill_at_the_deadline(
+        self, prefill, decode_url, runtime
+    ):
+        [status] = await prefill_statuses(runtime, 1)
+        os.kill(status["pid"], signal.SIGSTOP)  # registered, alive, and taking nothing
+        try:
+            await asyncio.sleep(1.5)  # its outstanding pull request expires
+            before = await decisions(runtime)
+            reply = await complete(decode_url, prompt("stalled"))  # after the deadline
+            assert grew(before, await decisions(runtime)) == {"local_deadline": 1}
+        finally:
+            os.kill(status["pid"], signal.SIGCONT)
+        # Awake again, it takes the item, sees its deadline passed and drops it.
+        deadline = time.monotonic() + 20
+        while True:
+            [status] = await prefill_statuses(runtime, 1)
+            mine = [h["outcome"] for h in status["handled"] if h["request_id"] == reply["id"]]
+            if mine or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert mine == ["expired"]
 
     async def test_full_queue_keeps_prefill_local(self, prefill, decode_url, runtime):
         [status] = await prefill_statuses(runtime, 1)
@@ -272,7 +309,7 @@ async def test_prefill_worker_killed_mid_request_is_redelivered(cluster_env, dec
         assert killed not in {s["pid"] for s in statuses}
 
 
-async def test_prefill_worker_killed_with_none_left_means_local_prefill_after_deadline(
+async def test_prefill_worker_killed_with_none_left_means_local_prefill_at_once(
     cluster_env, decode_url, runtime
 ):
     with prefill_workers(cluster_env, 1, SLOW_PREFILL) as served:
@@ -286,5 +323,7 @@ async def test_prefill_worker_killed_with_none_left_means_local_prefill_after_de
         # The whole prefill node dies: its supervisor (no restart) and the worker, at once.
         kill_quietly(served.pid, signal.SIGKILL)
         kill_quietly(status["pid"], signal.SIGKILL)
+        # Its entries leave discovery with it: the decode worker stops waiting for the KV
+        # (not for remote-prefill-timeout) and prefills the prompt itself.
         await asyncio.wait_for(request, DEADLINE_S + 30)
-        assert grew(before, await decisions(runtime)) == {"local_deadline": 1}
+        assert grew(before, await decisions(runtime)) == {"local_prefill_workers_left": 1}

@@ -138,3 +138,23 @@ async def test_consumers_share_the_queue_without_duplicates(nats_server: NatsSer
     finally:
         for connection in connections:
             await connection.close()
+
+
+async def test_an_item_sent_again_under_its_id_is_queued_once(nats_server: NatsServer) -> None:
+    """A retried enqueue (its first acknowledgement lost) must not queue the work twice."""
+    connection = await connect_nats(nats_server.url)
+    try:
+        queue = NatsWorkQueue(connection, "it_dedupe", ack_wait=5.0)
+        await queue.enqueue(b"prefill r1", item_id="transfer-1")
+        await queue.enqueue(b"prefill r1", item_id="transfer-1")  # the retry
+        await queue.enqueue(b"prefill r2", item_id="transfer-2")
+        await queue.enqueue(b"no id")
+        await queue.enqueue(b"no id")  # without an id, two items
+        assert await queue.depth() == 4
+        taken = []
+        while (item := await queue.dequeue(timeout=1.0)) is not None:
+            taken.append(item.data)
+            await item.ack()
+        assert taken == [b"prefill r1", b"prefill r2", b"no id", b"no id"]
+    finally:
+        await connection.close()

@@ -54,6 +54,15 @@ async def test_a_sender_without_the_secret_is_refused_and_writes_nothing(secured
     assert receiver.refused_connections == 1
 
 
+async def test_a_sender_with_another_secret_is_refused_and_writes_nothing(secured, monkeypatch):
+    receiver, reservation, target, _arrived, kv = secured
+    monkeypatch.setenv(env.SERVEGRID_CLUSTER_SECRET, "another-cluster-secret-98765")
+    with pytest.raises(KvTransferRefusedError, match="different secrets"):
+        await send_kv(target, kv, timeout=10)
+    assert not reservation.committed and receiver.transfers_received == 0
+    assert receiver.refused_connections == 1
+
+
 async def test_a_header_sent_without_the_handshake_is_never_read(secured):
     receiver, reservation, target, _arrived, _kv = secured
     reader, writer = await asyncio.open_connection(target.host, target.port)

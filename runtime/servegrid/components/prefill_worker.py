@@ -30,7 +30,14 @@ from servegrid.engines.disagg import KvTransferEngine, supports_kv_transfer
 from servegrid.engines.registry import create_engine
 from servegrid.kv_transfer import KvTransferRefusedError, send_kv
 from servegrid.llm.model_init import BUILTIN_MODEL
-from servegrid.sdk import ServiceConfig, async_on_shutdown, async_on_start, endpoint, service
+from servegrid.sdk import (
+    ServiceConfig,
+    async_on_drain,
+    async_on_shutdown,
+    async_on_start,
+    endpoint,
+    service,
+)
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import ConfigError
 from servegrid.sdk.service import address, spec_of
@@ -80,7 +87,8 @@ class PrefillWorker:
         self.ack_wait = prefill_ack_wait
         self.slots = asyncio.Semaphore(max_concurrent_prefills)
         self.handled: deque[HandledPrefill] = deque(maxlen=HISTORY)
-        self.in_flight: set[str] = set()
+        self.in_flight: set[str] = set()  # request ids
+        self._transfers_in_flight: set[str] = set()  # their items' transfer ids
         self._queue: WorkQueue | None = None
         self._puller: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -98,18 +106,28 @@ class PrefillWorker:
         )
         self._puller = asyncio.create_task(self._pull(), name="prefill-queue-pull")
 
+    @async_on_drain
+    async def finish_prefills(self, timeout: float) -> None:
+        """A stop began: take no new item; finish (send and ack) those taken, in ``timeout``."""
+        await self._stop_pulling()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+
     @async_on_shutdown
     async def stop_pulling(self) -> None:
-        self._stopping = True
-        if self._puller is not None:
-            self._puller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._puller
+        await self._stop_pulling()
         if self._tasks:  # finish what was taken; what is not acked is redelivered anyway
             await asyncio.wait(self._tasks, timeout=DRAIN_S)
         for task in self._tasks:
             task.cancel()
         await self.engine.stop()
+
+    async def _stop_pulling(self) -> None:
+        self._stopping = True
+        if self._puller is not None:
+            self._puller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._puller
 
     @endpoint()
     async def status(self, _: None = None) -> dict:
@@ -151,16 +169,24 @@ class PrefillWorker:
             await item.ack()
             return
         request_id = job.request.request_id
+        transfer_id = job.target.transfer_id
         deliveries = int(getattr(item, "deliveries", 1))
+        if transfer_id in self._transfers_in_flight:
+            # A copy of an item this worker is still on (redelivered after a lost ack or a
+            # missed heartbeat): the handler at work acks the item; computing it again would
+            # only be refused by the decode worker.
+            log.info("%s: a second delivery while its prefill runs here; skipped", request_id)
+            return
         if time.time() > job.deadline:
             # Its decode worker has prefilled locally already; the KV would be refused.
             self._record(job, "expired", deliveries, 0)
             await item.ack()
             return
         self.in_flight.add(request_id)
+        self._transfers_in_flight.add(transfer_id)
         heartbeat = asyncio.create_task(self._heartbeat(item))
         try:
-            outcome, logical = await self._prefill_and_send(job)
+            outcome, logical = await self._prefill_and_send(job, deliveries)
         except Exception:
             log.exception("prefill of %s failed; giving it back to the queue", request_id)
             with contextlib.suppress(Exception):
@@ -169,10 +195,11 @@ class PrefillWorker:
         finally:
             heartbeat.cancel()
             self.in_flight.discard(request_id)
+            self._transfers_in_flight.discard(transfer_id)
         self._record(job, outcome, deliveries, logical)
         await item.ack()
 
-    async def _prefill_and_send(self, job: PrefillQueueItem) -> tuple[str, int]:
+    async def _prefill_and_send(self, job: PrefillQueueItem, deliveries: int) -> tuple[str, int]:
         target = job.target
         try:
             kv = await self.kv_engine.prefill_kv(job.request, target.first_token, target.num_tokens)
@@ -188,13 +215,17 @@ class PrefillWorker:
             return "refused", 0
         finally:
             kv.release()
+        # One line per accepted transfer: a request whose stream moved to another decode
+        # worker (migration) is prefilled there again, under a new transfer id.
         log.info(
-            "prefilled %s: tokens %d..%d (%d bytes) sent to decode worker %x",
+            "prefilled %s: tokens %d..%d (%d bytes) sent to decode worker %x, transfer %s%s",
             job.request.request_id,
             target.first_token,
             target.num_tokens,
             kv.logical_bytes,
             job.decode_instance,
+            target.transfer_id,
+            f" (delivery {deliveries})" if deliveries > 1 else "",
         )
         return "sent", kv.logical_bytes
 

@@ -201,6 +201,11 @@ class Processor:
                 return
             except ConnectionLostError as exc:
                 lost = exc.instance_id
+            except NoInstancesError:
+                if moves == 0:
+                    raise  # nothing was generated yet: the request found no worker at all
+                # The worker chosen to continue it died too (before it answered): move on.
+                lost = worker_id
             finally:
                 await outputs.aclose()  # a stop string or a gone client cancels the work
             moves += 1

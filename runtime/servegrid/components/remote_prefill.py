@@ -5,7 +5,9 @@ A prompt goes to the prefill queue when what this worker's cache lacks of it is 
 registered and the queue holds fewer than ``max-prefill-queue-size`` items; otherwise it is
 prefilled here. A remote prefill reserves this worker's blocks first, and when its KV has not
 arrived ``remote-prefill-timeout`` seconds later (its prefill worker died and no other took the
-item in time, say) the reservation is dropped and the prompt prefilled here: never a hang.
+item in time, say), or as soon as no prefill worker is registered any more (nobody will take
+the item: the graph is stopping, or the last prefill worker left), the reservation is dropped
+and the prompt prefilled here: never a hang.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ LOCAL_NO_BLOCKS = "local_no_blocks"  # no room to reserve the blocks now
 LOCAL_QUEUE_ERROR = "local_queue_error"  # NATS could not take the item
 LOCAL_DEADLINE = "local_deadline"  # the KV did not arrive in time
 LOCAL_PREFILL_FAILED = "local_prefill_failed"  # the prefill worker reported a failure
+LOCAL_PREFILL_WORKERS_LEFT = "local_prefill_workers_left"  # every prefill worker left meanwhile
+
+# While a request waits for its KV, how often it checks that some prefill worker is left.
+WATCH_PREFILL_WORKERS_S = 0.25
+
+
+class _PrefillWorkersLeftError(Exception):
+    """No prefill worker is registered any more: a queued item will not be taken."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class RemotePrefill:
         self.settings = settings
         self.namespace, self.prefill_component = prefill_address
         self.stats: Counter[str] = Counter()
+        self.decoding_remote = 0  # streams decoding now from KV a prefill worker sent
         self.receiver: KvReceiver | None = None
         self.instance_id = 0
         self._queue: WorkQueue | None = None
@@ -100,6 +111,13 @@ class RemotePrefill:
             # Bytes that really crossed the bulk path (KV tensors; 0 for the mocker).
             "bytes_received": receiver.bytes_received if receiver else 0,
             "refused_transfers": receiver.refused if receiver else 0,
+            # Reservations waiting for their KV now (a prefill worker is computing it).
+            "pending_transfers": receiver.pending if receiver else 0,
+            "decoding_from_remote_kv": self.decoding_remote,
+            # The KV listener's defences at work (kv_transfer/receiver.py).
+            "kv_connections_over_cap": receiver.connections_refused if receiver else 0,
+            "kv_connections_dropped": receiver.connections_dropped if receiver else 0,
+            "kv_handshakes_refused": receiver.refused_connections if receiver else 0,
         }
 
     async def _decide(self, request: EngineRequest) -> str | None:
@@ -135,12 +153,15 @@ class RemotePrefill:
         if reason == REMOTE:
             assert reservation is not None
             stream = self.engine.generate_reserved(reservation)
+            self.decoding_remote += 1
         else:
             stream = self.engine.generate(request)
         try:
             async for output in stream:
                 yield output
         finally:
+            if reason == REMOTE:
+                self.decoding_remote -= 1
             await stream.aclose()
             if reservation is not None:
                 self.engine.release_kv(reservation)  # no-op once decoding took the blocks
@@ -149,24 +170,30 @@ class RemotePrefill:
         """Enqueue, wait for the KV; REMOTE when it is committed, else the local reason."""
         receiver, queue = self.receiver, self._queue
         assert receiver is not None and queue is not None
-        target, arrived = receiver.expect(reservation)
         timeout = self.settings.remote_prefill_timeout
+        target, arrived = receiver.expect(reservation, timeout)
         item = PrefillQueueItem(request, target, time.time() + timeout, self.instance_id)
         try:
             try:
-                await queue.enqueue(encode_item(item))
+                await queue.enqueue(encode_item(item), item_id=target.transfer_id)
             except Exception as exc:
                 log.warning("request %s: prefill queue refused (%s)", request.request_id, exc)
                 return LOCAL_QUEUE_ERROR
             try:
-                await asyncio.wait_for(asyncio.shield(arrived), timeout)
+                await self._wait_for_kv(arrived, timeout)
                 return REMOTE
-            except TimeoutError:
+            except (TimeoutError, _PrefillWorkersLeftError) as exc:
                 if not receiver.withdraw(target.transfer_id):
-                    # It arrived as the deadline struck and is being written: take it.
+                    # It is being written at this very moment: take it.
                     with contextlib.suppress(RemotePrefillFailedError):
                         await arrived
                         return REMOTE
+                if isinstance(exc, _PrefillWorkersLeftError):
+                    log.warning(
+                        "request %s: no prefill worker is left to take it; prefilling locally",
+                        request.request_id,
+                    )
+                    return LOCAL_PREFILL_WORKERS_LEFT
                 log.warning(
                     "request %s: no KV from a prefill worker within %.1fs; prefilling locally",
                     request.request_id,
@@ -180,3 +207,20 @@ class RemotePrefill:
             receiver.withdraw(target.transfer_id)
             if not reservation.committed:
                 self.engine.release_kv(reservation)
+
+    async def _wait_for_kv(self, arrived: asyncio.Future[None], timeout: float) -> None:
+        """Until the KV is committed (or its transfer fails: that error). TimeoutError after
+        ``timeout``; ``_PrefillWorkersLeftError`` as soon as no prefill worker is registered,
+        since then nobody will take the item (the graph is stopping, or the last prefill
+        worker left) and waiting for the deadline would only delay the answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait({arrived}, timeout=min(remaining, WATCH_PREFILL_WORKERS_S))
+            if arrived.done():
+                return arrived.result()
+            if not self._prefill_workers.instance_ids():
+                raise _PrefillWorkersLeftError

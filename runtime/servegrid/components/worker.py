@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 
 from servegrid.components.prefill_worker import PrefillWorker
@@ -117,7 +116,8 @@ class Worker:
             )
         self.kv_publisher = await start_publisher(self, self.engine)
         if self.remote is not None:
-            await self.remote.start(servegrid_context.runtime, os.getpid())
+            instance_id = servegrid_context.instance_id(spec_of(type(self)).name)
+            await self.remote.start(servegrid_context.runtime, instance_id)
         log.info("engine %s serving model %s", self.engine_name, self.served_model_name)
 
     @async_on_shutdown

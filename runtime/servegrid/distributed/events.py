@@ -55,7 +55,9 @@ class WorkQueue(abc.ABC):
     """A named queue shared by every producer and consumer of one namespace."""
 
     @abc.abstractmethod
-    async def enqueue(self, data: bytes) -> None: ...
+    async def enqueue(self, data: bytes, item_id: str | None = None) -> None:
+        """Add an item. With ``item_id`` (unique per item), a send that is retried after a
+        lost acknowledgement stores the item once, not twice."""
 
     @abc.abstractmethod
     async def dequeue(self, timeout: float = 1.0) -> WorkItem | None:

@@ -414,18 +414,25 @@ class NatsWorkQueue(WorkQueue):
             with contextlib.suppress(Exception):
                 await pull.unsubscribe()
 
-    async def enqueue(self, data: bytes) -> None:
+    async def enqueue(self, data: bytes, item_id: str | None = None) -> None:
         """Add an item; returns once the server has stored it.
 
         Retries while the server is unreachable, up to ``request_timeout`` seconds a try and
-        three tries, then raises ``NatsUnavailableError``.
+        three tries, then raises ``NatsUnavailableError``. A try whose acknowledgement was
+        lost may have stored the item: ``item_id`` (JetStream's message id) makes the server
+        drop the retried copy instead of queueing the work twice.
         """
         await self.start()
+        headers = {"Nats-Msg-Id": item_id} if item_id else None
         last_error: Exception | None = None
         for _ in range(3):
             try:
                 await self._js.publish(
-                    self.subject, data, stream=self.stream, timeout=self.request_timeout
+                    self.subject,
+                    data,
+                    stream=self.stream,
+                    timeout=self.request_timeout,
+                    headers=headers,
                 )
                 return
             except nats.js.errors.NotFoundError as error:

@@ -126,6 +126,12 @@ class KvTransferEngine(abc.ABC):
         Raises the errors ``generate`` would (EngineRequestError, PromptTooLongError).
         """
 
+    def kv_transfer_limit(self, reservation: KvReservation) -> int:
+        """The most bytes a transfer into ``reservation`` may announce; the bulk path refuses
+        a larger one before reading any of it. By default the KV of the reserved tokens, from
+        the model's layout; an engine that ships whole blocks allows its reserved blocks."""
+        return self.kv_layout().bytes_for(reservation.num_tokens - reservation.first_token)
+
     @abc.abstractmethod
     def kv_buffers(self, reservation: KvReservation, sizes: list[int]) -> list[memoryview]:
         """Writable buffers of ``sizes`` bytes that the transfer fills, in order."""

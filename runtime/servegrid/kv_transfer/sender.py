@@ -10,6 +10,7 @@ from servegrid.distributed.secret import load_cluster_secret
 from servegrid.distributed.transport import handshake
 from servegrid.engines.disagg import PrefilledKv
 from servegrid.kv_transfer.wire import (
+    KvFrameError,
     KvTarget,
     KvTransferHeader,
     KvTransferReply,
@@ -55,6 +56,7 @@ async def send_kv(
         simulated = kv.logical_bytes - sum(header.segment_sizes)
         if simulated > 0 and bandwidth_bytes_per_s > 0:
             await asyncio.sleep(simulated / bandwidth_bytes_per_s)
+    where = f"decode worker at {target.host}:{target.port}"
     loaded = load_cluster_secret()
     secret = loaded.encode("ascii") if loaded is not None else None
     try:
@@ -64,23 +66,24 @@ async def send_kv(
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                where = f"the KV listener at {target.host}:{target.port}"
-                await handshake.connect_stream(reader, writer, secret, where)
+                listener = f"the KV listener at {target.host}:{target.port}"
+                await handshake.connect_stream(reader, writer, secret, listener)
                 writer.write(encode_frame(header))
-                for segment in segments:
-                    writer.write(segment)
-                await writer.drain()
                 reply = await read_frame(reader, KvTransferReply)
+                if reply is not None and reply.ok and header.error is None:
+                    # It takes them: the segments, then the verdict on the whole.
+                    for segment in segments:
+                        writer.write(segment)
+                        await writer.drain()
+                    reply = await read_frame(reader, KvTransferReply)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
     except handshake.HandshakeRefusedError as exc:
         raise KvTransferRefusedError(str(exc)) from None
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        raise KvTransferRefusedError(
-            f"decode worker at {target.host}:{target.port} unreachable ({type(exc).__name__})"
-        ) from exc
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, KvFrameError) as exc:
+        raise KvTransferRefusedError(f"{where} unreachable ({type(exc).__name__})") from exc
     if reply is None or not reply.ok:
         reason = reply.error if reply is not None else "closed without a reply"
-        raise KvTransferRefusedError(f"decode worker at {target.host}:{target.port}: {reason}")
+        raise KvTransferRefusedError(f"{where}: {reason}")

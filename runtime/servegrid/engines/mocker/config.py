@@ -21,6 +21,9 @@ class MockerConfig:
     enable_chunked_prefill: bool = True
     speedup_ratio: float = 1.0
     lora_load_seconds: float = 0.2  # simulated time to load a LoRA adapter (÷ speedup-ratio)
+    # Disaggregated serving: ship the KV's bytes for real (zero-filled, as many as the model's
+    # layout says) over the bulk path, instead of only simulating the time they would take.
+    kv_transfer_bytes: bool = False
     vocab_size: int | None = None  # default: the model directory's, else 2048
     model: str | None = None  # a model directory or the built-in model name
 

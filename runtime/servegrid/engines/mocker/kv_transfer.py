@@ -1,10 +1,12 @@
 """The mocker in disaggregated serving: KV blocks reserved, filled by descriptor, decoded on.
 
-The mocker holds no tensors, so what moves is a descriptor: the decode side reserves real
-blocks of its pool, and committing a transfer marks the prompt's tokens computed and offers
-its full blocks to the prefix cache, which reports them as ``stored`` KV events exactly as a
-local prefill would. The transfer's cost is simulated by the transfer layer from
-``kv_layout()`` (the model's ``config.json``) and the configured bandwidth.
+The mocker holds no tensors, so what moves is a descriptor (with ``kv-transfer-bytes: true``,
+also as many zero bytes as the real KV would have, to exercise the bulk path for real): the
+decode side reserves real blocks of its pool, and committing a transfer marks the prompt's
+tokens computed and offers its full blocks to the prefix cache, which reports them as
+``stored`` KV events exactly as a local prefill would. The transfer's cost is simulated by
+the transfer layer from ``kv_layout()`` (the model's ``config.json``) and the configured
+bandwidth.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
     """The mocker engine with the disaggregation interface (``engines.disagg``)."""
 
     _layout: KvLayout | None = None
+    # kv-transfer-bytes: the bytes carry nothing, so one zeroed buffer serves every transfer
+    # (sent from, received into) instead of fresh memory each time.
+    _scratch: bytearray = bytearray()
+
+    def _scratch_view(self, size: int) -> memoryview:
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        return memoryview(self._scratch)[:size]
 
     def kv_layout(self) -> KvLayout:
         if self._layout is None:
@@ -56,9 +66,16 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
         return KvReservation(request, first, num_tokens, blocks[len(hit) :], seq)
 
     def kv_buffers(self, reservation: KvReservation, sizes: list[int]) -> list[memoryview]:
-        if sizes:
-            raise KvTransferError("the mocker holds no tensors: a transfer to it is descriptors")
-        return []
+        if not sizes:
+            return []
+        if not self.config.kv_transfer_bytes:
+            raise KvTransferError(
+                "this mocker takes descriptors, not bytes (kv-transfer-bytes is off here)"
+            )
+        expected = self.kv_layout().bytes_for(reservation.num_tokens - reservation.first_token)
+        if sum(sizes) != expected:
+            raise KvTransferError(f"{sum(sizes)} bytes of KV sent, {expected} reserved")
+        return [self._scratch_view(size) for size in sizes]
 
     def commit_kv(self, reservation: KvReservation) -> None:
         seq: _Seq = reservation.state
@@ -110,9 +127,9 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
         )
         async for _ in self.generate(prefill):
             pass
-        return PrefilledKv(
-            first_token, num_tokens, self.kv_layout().bytes_for(num_tokens - first_token)
-        )
+        logical = self.kv_layout().bytes_for(num_tokens - first_token)
+        segments = [self._scratch_view(logical)] if self.config.kv_transfer_bytes else []
+        return PrefilledKv(first_token, num_tokens, logical, segments)
 
 
 def _model_layout(model: str | None) -> KvLayout:

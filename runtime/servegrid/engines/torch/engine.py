@@ -272,6 +272,11 @@ class TorchEngine(Engine, KvTransferEngine):
         self._emit_events()  # allocating may have evicted cached blocks
         return KvReservation(request, first, num_tokens, seq.blocks[len(hit) :], seq)
 
+    def kv_transfer_limit(self, reservation: KvReservation) -> int:
+        # Whole blocks move (the last one partly filled): the reserved blocks' bytes.
+        assert self._cache is not None
+        return len(reservation.block_ids) * self._cache.bytes_per_block
+
     def kv_buffers(self, reservation: KvReservation, sizes: list[int]) -> list[memoryview]:
         seq: Seq = reservation.state
         self._check_reserved(reservation)
