@@ -3,7 +3,10 @@ two mocker workers publishing KV events on a real nats-server, requests over HTT
 
 What is asserted comes from the served graph itself: ``usage.prompt_tokens_details`` of the
 responses, the frontend's ``/metrics`` (requests routed to each worker, overlap of each
-decision) and the Router's ``state`` endpoint (its index, per worker).
+decision), the Router's ``state`` endpoint (its index and load, per worker) and the workers'
+own ``kv_blocks`` snapshots. Before each routing assertion the test waits until the router's
+state shows what the decision depends on, never for a time: on a loaded machine the event
+and load reports reach the router late.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from servegrid.distributed.discovery.base import KEY_ROOT
 from servegrid.distributed.embedded_nats import free_port
 from servegrid.distributed.errors import InstanceUnavailableError, NoInstancesError
 from servegrid.distributed.runtime import DistributedRuntime
+from servegrid.kv_router.protocol import KV_BLOCKS_ENDPOINT, KvSnapshot
 from tests.integration.servers import NatsServer
 from tests.support.serving import REPO, serve
 
@@ -86,6 +90,22 @@ class Graph:
         async for item in stream:
             return item
         raise AssertionError("Router.state answered nothing")
+
+    async def worker_blocks(self, worker: str) -> int:
+        """The blocks the worker's own cache holds (its snapshot, what a router rebuilds from)."""
+        client = (
+            await self.runtime.namespace(self.namespace)
+            .component("Worker")
+            .endpoint(KV_BLOCKS_ENDPOINT)
+            .client()
+        )
+        stream = await client.direct(None, int(worker, 16), KvSnapshot)
+        try:
+            async for snapshot in stream:
+                return len(snapshot.block_hashes)
+        finally:
+            await stream.aclose()
+        raise AssertionError(f"worker {worker} sent no snapshot")
 
     async def until(self, condition, what: str, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -176,11 +196,14 @@ async def test_a_shared_prefix_goes_to_the_worker_that_holds_it_and_a_killed_wor
     assert cached >= 16  # at least one block of the shared prefix came from the cache
     assert overlap_sum(await graph.metrics()) > overlap_before
 
-    # A restarted router rebuilds its index from the workers' snapshots.
-    indexed = (await graph.router_state())["workers"][owner]["blocks"]
+    # A restarted router rebuilds its index from the workers' snapshots. The second prompt's
+    # stored events may still be on their way: wait until the index holds what the owner does.
+    await graph.until(idle, "idle after the second prompt")
+    held = await graph.worker_blocks(owner)
+    await graph.until(lambda s: s["workers"][owner]["blocks"] == held, "the owner's blocks indexed")
     os.kill(graph.pids[graph.router], signal.SIGKILL)
     state = await graph.until(
-        lambda s: s["decisions"] == 0 and s["workers"].get(owner, {}).get("blocks") == indexed,
+        lambda s: s["decisions"] == 0 and s["workers"].get(owner, {}).get("blocks") == held,
         "a new router with the owner's blocks",
         timeout=60,
     )
@@ -189,17 +212,42 @@ async def test_a_shared_prefix_goes_to_the_worker_that_holds_it_and_a_killed_wor
     await graph.until(idle, "both workers idle")
     served_by_owner = routed(await graph.metrics())[owner]
     # Busy the owner with a long generation; a prompt it does not hold goes by load instead.
-    long_body = {"model": MODEL, "prompt": SYSTEM + "Tell me a story.", "max_tokens": 3000}
-    async with graph.http.stream(
-        "POST", "/v1/completions", json={**long_body, "stream": True}
-    ) as busy:
-        async for line in busy.aiter_lines():
+    # ignore_eos: the mocker draws token ids at random, and an EOS among them would end the
+    # "long" generation early, leaving the owner idle when the next prompt is routed.
+    long_body = {
+        "model": MODEL,
+        "prompt": SYSTEM + "Tell me a story.",
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    async with graph.http.stream("POST", "/v1/completions", json=long_body) as busy:
+        assert busy.status_code == 200, await busy.aread()
+        # Hold the line iterator until the block ends: an abandoned one is finalized at
+        # once, and closing it closes the connection, which cancels the generation.
+        lines = busy.aiter_lines()
+        async for line in lines:
             if line.startswith("data:"):
                 break
         assert routed(await graph.metrics())[owner] == served_by_owner + 1
+        # The router's view (its own sends, then the owner's load reports) shows the owner
+        # busier than the other worker: the decision below compares exactly these loads.
+        others = [w for w in state["workers"] if w != owner]
+        busy_state = await graph.until(
+            lambda s: all(
+                s["workers"][owner]["active_blocks"] > s["workers"][w]["active_blocks"]
+                for w in others
+            ),
+            "the owner busy in the router's view",
+        )
         other = await graph.complete("Completely unrelated words about mountains and rivers.")
-        assert other["worker"] != owner
+        assert other["worker"] != owner, busy_state
         assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        # The owner was still busy: its stream goes on.
+        async for line in lines:
+            if line.startswith("data:"):
+                assert '"finish_reason":null' in line
+                break
 
     # A killed worker leaves discovery and the index; nothing more goes to it.
     os.kill(graph.pids[owner], signal.SIGKILL)

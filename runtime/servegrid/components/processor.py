@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
-from servegrid.components.router import Router, WorkerPicker
+from servegrid.components.router import WORKER_WAIT_S, Router, WorkerPicker
 from servegrid.components.worker import Worker
 from servegrid.distributed.errors import ConnectionLostError, NoInstancesError
 from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
@@ -154,9 +155,24 @@ class Processor:
     ) -> RouteResponse:
         request = RouteRequest(token_ids=prompt_ids, request_id=request_id, lora_name=lora_name)
         if self.use_router:
-            return await self.router.route(request)
+            return await self._ask_router(request)
         assert self._workers is not None
         return await self.picker.route_live(request, self._workers)
+
+    async def _ask_router(self, request: RouteRequest) -> RouteResponse:
+        """The Router's answer. When no Router instance is in this process's view (one is
+        restarting, or its discovery watch has not seen the new one yet), wait for one up
+        to ``WORKER_WAIT_S`` rather than refuse the request at once."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while True:
+            try:
+                return await self.router.route(request)
+            except NoInstancesError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                routers = await self.router.client("route")
+                await routers.wait_for_instances(1, remaining)
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:

@@ -57,9 +57,10 @@ class AdapterNotHeldError(ModelNotFoundError):
     """No live worker holds the LoRA adapter a request names (a 404 at the edge)."""
 
 
-# How long a request waits for a worker to appear before it is refused with 503. Covers the
-# moment after a worker (re)starts that this process's discovery watch has not yet seen, and
-# lets a migrating stream wait for a restarted worker instead of failing at once.
+# How long a request waits for a worker (or, at a Processor, a Router) to appear before it is
+# refused with 503. Covers the moment after one (re)starts that this process's discovery
+# watch has not yet seen, and lets a migrating stream wait for a restarted worker instead of
+# failing at once.
 WORKER_WAIT_S = 5.0
 
 
