@@ -11,11 +11,18 @@ worker, choice. Workers report their load (the requests they received and finish
 64 decisions, outside the timing. Hashing alone is timed too. On a shared
 machine wall-clock percentiles include time the process was not running; the CPU time of
 the deciding thread (``thread_time``) is printed beside them.
+
+``--gc`` separates the decision code from the garbage collector: ``on`` (the default, as
+served), ``freeze`` (``gc.freeze()`` after the index is built: its objects are never scanned
+again, only what decisions allocate) or ``off`` (no collection while deciding). The
+collections that ran during a decision are counted, and the CPU p99 of the decisions no
+collection interrupted is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import sys
@@ -41,6 +48,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--decisions", type=int, default=20_000)
     parser.add_argument("--events-per-batch", type=int, default=4)
+    parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on")
     args = parser.parse_args()
     bs = args.block_size
     rng = random.Random(1)
@@ -100,16 +108,36 @@ def main() -> None:
     for w in workers:
         router.on_load(encode(LoadReport(w, 0, 8192, 0, 0)))
     sent: dict[int, list[str]] = {w: [] for w in workers}
+    collections = [0]  # collections started so far, for the decisions they interrupt
+
+    def count_collection(phase: str, _info: dict) -> None:
+        if phase == "start":
+            collections[0] += 1
+
+    gc.callbacks.append(count_collection)
+    if args.gc == "freeze":
+        gc.collect()
+        gc.freeze()
+    elif args.gc == "off":
+        gc.disable()
+    clean_cpu_us: list[float] = []  # decisions no collection ran in
+    interrupted = 0
     decision_cpu_us: list[float] = []
     decision_us: list[float] = []
     hashing_us: list[float] = []
     overlap = 0
     for i, tokens in enumerate(prompts):
+        before = collections[0]
         c0 = time.thread_time_ns()
         t0 = time.perf_counter()
         decision = router.route(tokens, workers, f"r{i}")
         t1 = time.perf_counter()
-        decision_cpu_us.append((time.thread_time_ns() - c0) / 1000)
+        cpu_us = (time.thread_time_ns() - c0) / 1000
+        decision_cpu_us.append(cpu_us)
+        if collections[0] == before:
+            clean_cpu_us.append(cpu_us)
+        else:
+            interrupted += 1
         block_hashes(tokens, bs)
         t2 = time.perf_counter()
         decision_us.append((t1 - t0) * 1e6)
@@ -121,6 +149,9 @@ def main() -> None:
                 active = rng.randrange(2048)
                 router.on_load(encode(LoadReport(w, active, 8192, len(ids), 0, ids, ids)))
                 ids.clear()
+    gc.callbacks.remove(count_collection)
+    gc.enable()
+    gc.unfreeze()
 
     print(
         f"{args.workers} workers, {cached:,} cached blocks ({len(router.indexer._holders):,} "
@@ -136,6 +167,11 @@ def main() -> None:
     print(
         f"| decision CPU time p50 / p99 | {percentile(decision_cpu_us, 0.5):.0f} / "
         f"{percentile(decision_cpu_us, 0.99):.0f} µs |"
+    )
+    print(
+        f"| decision CPU time p99, decisions no GC ran in | "
+        f"{percentile(clean_cpu_us, 0.99):.0f} µs ({interrupted:,} of {len(prompts):,} had "
+        f"a collection; gc {args.gc}) |"
     )
     print(
         f"| of which hashing the prompt, p50 / p99 | {percentile(hashing_us, 0.5):.0f} / "

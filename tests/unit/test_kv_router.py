@@ -70,6 +70,58 @@ def test_overlap_stops_at_a_removed_block_even_if_later_blocks_remain():
     assert index.block_count(A) == 2
 
 
+def naive_prefix(held: dict[int, set[int]], chain: list[int]) -> dict[int, int]:
+    """Leading blocks of ``chain`` each worker holds, by brute force."""
+    result = {}
+    for worker, blocks in held.items():
+        depth = 0
+        while depth < len(chain) and chain[depth] in blocks:
+            depth += 1
+        if depth:
+            result[worker] = depth
+    return result
+
+
+def test_index_and_blocks_in_use_match_a_brute_force_model_through_random_changes():
+    """Holder sets are shared between blocks and blocks one request uses are kept flat:
+    through random stores, removals, sends and finishes both still answer as brute force."""
+    rng = random.Random(7)
+    workers = [A, B, C]
+    chains = [hashes(*[rng.randrange(3) for _ in range(8)]) for _ in range(12)]
+    index = KvIndexer()
+    held: dict[int, set[int]] = {w: set() for w in workers}
+    loads = LoadTracker(Clock())
+    for w in workers:
+        loads.on_report(LoadReport(w, 0, 100, 0, 0))
+    running: dict[str, tuple[int, list[int]]] = {}
+    for step in range(3000):
+        w, chain = rng.choice(workers), rng.choice(chains)
+        cut = chain[: rng.randrange(1, len(chain) + 1)]
+        action = rng.randrange(4)
+        if action == 0:
+            index.store(w, cut)
+            held[w].update(cut)
+        elif action == 1:
+            tail = cut[rng.randrange(len(cut)) :]
+            index.remove(w, tail)
+            held[w].difference_update(tail)
+        elif action == 2:
+            depth = max(loads.in_use_prefix(cut).values(), default=0)
+            loads.routed(w, f"r{step}", 1, list(cut), depth)
+            running[f"r{step}"] = (w, cut)
+        elif running:
+            request_id = rng.choice(sorted(running))
+            del running[request_id]
+            loads.on_report(LoadReport(w, 0, 100, 0, 0, [], [request_id]))
+        probe = rng.choice(chains)
+        assert index.overlaps(probe) == naive_prefix(held, probe)
+        in_use: dict[int, set[int]] = {}
+        for worker, used in running.values():
+            in_use.setdefault(worker, set()).update(used)
+        assert loads.in_use_prefix(probe) == naive_prefix(in_use, probe)
+    assert all(index.block_count(w) == len(held[w]) for w in workers)
+
+
 def test_clear_and_remove_worker():
     index = KvIndexer()
     index.store(A, hashes(1, 2))

@@ -7,6 +7,13 @@ overlap with a worker is the number of its leading blocks that worker holds, fou
 the prompt's hashes and narrowing the set of workers still matching: time proportional to
 the prompt's blocks (times the workers still matching), never to the cached blocks.
 
+Holder sets are immutable and shared: every block held by the same workers maps to one
+``frozenset`` object (most blocks have one holder, so there are about as many sets as
+workers, not one per block). The walk then skips the set comparison whenever a block's
+holders are the very object the previous block had, which is the rule along a cached
+conversation, and the index holds ~100k ints rather than ~100k sets for the garbage
+collector to scan.
+
 ``ApproxIndexer`` is the same index fed by the router's own decisions instead of events, for
 engines that publish none: what was sent to a worker is assumed cached there for ``ttl``
 seconds.
@@ -20,41 +27,67 @@ from collections.abc import Callable, Iterable, Sequence
 
 from servegrid.engines.base import CLEARED, REMOVED, STORED, KvEvent
 
+#: interned holder sets kept before the unused ones are dropped (see ``KvIndexer._intern``)
+_INTERNED_MIN = 4096
+
 
 class KvIndexer:
-    __slots__ = ("_holders", "_worker_blocks")
+    __slots__ = ("_alone", "_holders", "_interned", "_live_sets", "_worker_blocks")
 
     def __init__(self) -> None:
-        self._holders: dict[int, set[int]] = {}  # block hash -> workers holding it
+        self._holders: dict[int, frozenset[int]] = {}  # block hash -> workers (shared sets)
         self._worker_blocks: dict[int, set[int]] = {}  # worker -> its block hashes
+        self._alone: dict[int, frozenset[int]] = {}  # worker -> the set of just that worker
+        self._interned: dict[frozenset[int], frozenset[int]] = {}  # the sets of 2+ workers
+        self._live_sets = 0  # interned sets in use at the last clean-up
+
+    def _intern(self, workers: frozenset[int]) -> frozenset[int]:
+        """The one shared object equal to ``workers``. Sets no block uses any more are
+        dropped once the table has doubled since the last clean-up (amortised O(1))."""
+        if len(workers) == 1:
+            [worker] = workers
+            alone = self._alone.get(worker)
+            if alone is None:
+                alone = self._alone[worker] = workers
+            return alone
+        interned = self._interned
+        found = interned.get(workers)
+        if found is not None:
+            return found
+        if len(interned) >= max(_INTERNED_MIN, 2 * self._live_sets):
+            live = {s for s in self._holders.values() if len(s) > 1}
+            self._interned = interned = {s: s for s in live}
+            self._live_sets = len(live)
+        interned[workers] = workers
+        return workers
 
     # -- updates ---------------------------------------------------------------------------
     def store(self, worker: int, hashes: Iterable[int]) -> None:
         holders = self._holders
         mine = self._worker_blocks.setdefault(worker, set())
+        alone = self._alone.get(worker) or self._intern(frozenset((worker,)))
         for h in hashes:
             if h in mine:
                 continue
             mine.add(h)
             workers = holders.get(h)
-            if workers is None:
-                holders[h] = {worker}
-            else:
-                workers.add(worker)
+            holders[h] = alone if workers is None else self._intern(workers | alone)
 
     def remove(self, worker: int, hashes: Iterable[int]) -> None:
         mine = self._worker_blocks.get(worker)
         if not mine:
             return
         holders = self._holders
+        alone = self._alone.get(worker)
         for h in hashes:
             if h not in mine:
                 continue
             mine.discard(h)
             workers = holders[h]
-            workers.discard(worker)
-            if not workers:
+            if workers is alone:
                 del holders[h]
+            else:
+                holders[h] = self._intern(workers - alone)
 
     def clear(self, worker: int) -> None:
         """The worker's cache emptied; it stays known (with no blocks)."""
@@ -87,19 +120,22 @@ class KvIndexer:
         first = holders.get(hashes[0])
         if not first:
             return {}
-        matching = set(first)
+        matching = first
+        last = first  # matching is a subset of the last holders seen
         scores: dict[int, int] = {}
         depth = 1
         for h in hashes[1:]:
             workers = holders.get(h)
             if workers is None:
                 break
-            if not matching <= workers:
-                for w in matching - workers:
-                    scores[w] = depth
-                matching &= workers
-                if not matching:
-                    return scores
+            if workers is not last:
+                last = workers
+                if not matching <= workers:
+                    for w in matching - workers:
+                        scores[w] = depth
+                    matching = matching & workers
+                    if not matching:
+                        return scores
             depth += 1
         for w in matching:
             scores[w] = depth

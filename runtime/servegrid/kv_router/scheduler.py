@@ -47,7 +47,11 @@ class LoadTracker:
         self._pending: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
         # request -> (worker, prompt block hashes, until), until reported finished
         self._running: OrderedDict[str, tuple[int, list[int], float]] = OrderedDict()
-        self._in_use: dict[int, dict[int, int]] = {}  # block hash -> {worker: requests}
+        # Block hashes running requests use: most are used by one request only (the blocks
+        # past a shared prefix), kept flat (hash -> worker: no container per block); the
+        # rest (two or more requests) as hash -> {worker: requests}.
+        self._used_once: dict[int, int] = {}
+        self._used_more: dict[int, dict[int, int]] = {}
 
     # -- reports and sends -----------------------------------------------------------------
     def on_report(self, report: LoadReport) -> None:
@@ -83,20 +87,27 @@ class LoadTracker:
         self._pending[request_id] = (worker, blocks, now + INFLIGHT_TTL)
         self.load[worker] = self.load.get(worker, 0) + blocks
         if hashes and worker in self._reported:
-            self._running[request_id] = (worker, list(hashes), now + ACTIVE_TTL)
-            in_use = self._in_use
+            own = hashes if isinstance(hashes, list) else list(hashes)
+            self._running[request_id] = (worker, own, now + ACTIVE_TTL)
+            once, more = self._used_once, self._used_more
             # Blocks in use form chains from a prompt's start, so past the deepest prefix in
             # use anywhere (``in_use_depth``, from this decision's walk) none is: add those
             # without looking.
-            shared = len(hashes) if in_use_depth is None else in_use_depth
-            for h in hashes[:shared]:
-                users = in_use.get(h)
-                if users is None:
-                    in_use[h] = {worker: 1}
-                else:
+            shared = len(own) if in_use_depth is None else in_use_depth
+            for h in own[:shared]:
+                users = more.get(h)
+                if users is not None:
                     users[worker] = users.get(worker, 0) + 1
-            if shared < len(hashes):
-                in_use.update({h: {worker: 1} for h in hashes[shared:]})
+                    continue
+                other = once.pop(h, None)
+                if other is None:
+                    once[h] = worker
+                elif other == worker:
+                    more[h] = {worker: 2}
+                else:
+                    more[h] = {other: 1, worker: 1}
+            if shared < len(own):
+                once.update(dict.fromkeys(own[shared:], worker))
 
     def expire(self) -> None:
         """Forget sends no report covered in time, and requests never reported finished."""
@@ -126,33 +137,55 @@ class LoadTracker:
         if entry is None:
             return
         worker, hashes, _ = entry
-        in_use = self._in_use
+        once, more = self._used_once, self._used_more
         for h in hashes:
-            users = in_use[h]
+            if once.pop(h, None) is not None:
+                continue  # this request was its only user
+            users = more[h]
             n = users[worker] - 1
             if n:
                 users[worker] = n
             else:
                 del users[worker]
-                if not users:
-                    del in_use[h]
+            if len(users) == 1:
+                [(last, count)] = users.items()
+                if count == 1:  # one request left: flat again
+                    del more[h]
+                    once[h] = last
 
     # -- queries ---------------------------------------------------------------------------
     def in_use_prefix(self, hashes: Sequence[int]) -> dict[int, int]:
         """For each worker where this router's running requests use the prompt's first
         block: how many leading prompt blocks they use there."""
-        in_use = self._in_use
-        if not hashes or not in_use:
+        once, more = self._used_once, self._used_more
+        if not hashes or not (once or more):
             return {}
-        first = in_use.get(hashes[0])
-        if not first:
+        h = hashes[0]
+        only = once.get(h)
+        if only is not None:
+            matching = {only}
+        elif h in more:
+            matching = set(more[h])
+        else:
             return {}
         # The indexer's walk (indexer.KvIndexer.overlaps), over the key views of the counts.
-        matching = set(first)
         prefix: dict[int, int] = {}
         depth = 1
         for h in hashes[1:]:
-            users = in_use.get(h)
+            only = once.get(h)
+            if only is not None:
+                if only in matching:
+                    if len(matching) > 1:
+                        for w in matching:
+                            if w != only:
+                                prefix[w] = depth
+                        matching = {only}
+                    depth += 1
+                    continue
+                for w in matching:
+                    prefix[w] = depth
+                return prefix
+            users = more.get(h)
             if users is None:
                 break
             held = users.keys()
