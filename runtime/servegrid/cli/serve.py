@@ -110,7 +110,7 @@ def process_specs(
             print(f"[servegrid] warning: {warning}", file=sys.stderr)
         for spec in specs:
             if spec.label in devices:
-                spec.env[gpus.CUDA_VISIBLE_DEVICES] = devices[spec.label]
+                spec.env[env.CUDA_VISIBLE_DEVICES] = devices[spec.label]
     return specs
 
 

@@ -38,6 +38,9 @@ SERVEGRID_WORKING_DIR = "SERVEGRID_WORKING_DIR"
 SERVEGRID_HOME = "SERVEGRID_HOME"
 # Log level of service processes (DEBUG, INFO, WARNING...).
 SERVEGRID_LOG_LEVEL = "SERVEGRID_LOG_LEVEL"
+# The GPUs a process may use (CUDA's own variable): `servegrid serve` sets it per process
+# (cli/gpus.py) unless the user did; the vLLM engine counts it for tensor parallelism.
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 DEFAULT_LEASE_TTL = 10.0
 
