@@ -14,8 +14,9 @@ import asyncio
 import os
 import sys
 
-from servegrid.cli.status import EXIT_UNREACHABLE, _discovery_from_env, collect
+from servegrid.cli.status import EXIT_UNREACHABLE, collect
 from servegrid.distributed import env
+from servegrid.distributed.backends import described_discovery_from_env
 
 EXIT_MISSING = 1
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from servegrid.distributed.discovery.etcd import EtcdUnavailableError
 
     try:
-        discovery, source = _discovery_from_env()
+        discovery, source = described_discovery_from_env()
         entries = asyncio.run(collect(discovery, args.namespace))
     except (EtcdUnavailableError, ValueError) as error:
         print(f"probe: {error}", file=sys.stderr)
