@@ -17,6 +17,7 @@ import typer
 from servegrid.distributed import env
 from servegrid.distributed.discovery.base import KEY_ROOT, Discovery, InstanceInfo, instance_prefix
 from servegrid.distributed.discovery.base import now as wall_clock
+from servegrid.distributed.errors import SetupError
 
 EXIT_UNREACHABLE = 2
 
@@ -114,7 +115,7 @@ def status(
     try:
         discovery, source = _discovery_from_env()
         entries = asyncio.run(collect(discovery, namespace))
-    except EtcdUnavailableError as error:
+    except (EtcdUnavailableError, SetupError) as error:  # SetupError: an unsafe directory
         print(f"servegrid status: {error}", file=sys.stderr)
         raise typer.Exit(EXIT_UNREACHABLE) from None
     except ValueError as error:  # a malformed ETCD_ENDPOINTS or lease TTL
