@@ -5,7 +5,7 @@ Run on a node with servegrid installed (ETCD_ENDPOINTS in the environment). Read
 with `servegrid status --json` every half second until the condition holds or the timeout
 passes; prints what it saw as JSON; exits 1 with a readable reason on timeout.
 
-  wait_registered.py --servegrid BIN --host ADDR --since EPOCH --graph graph.yaml --services A,B
+  wait_registered.py --servegrid BIN --host ADDR --graph graph.yaml --expect A,B@EPOCH ...
   wait_registered.py --servegrid BIN --host ADDR --absent
 """
 
@@ -27,9 +27,9 @@ def registered(servegrid: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def missing(entries: list[dict], host: str, since: float, wanted: dict[str, int]) -> dict[str, str]:
+def missing(entries: list[dict], host: str, wanted: dict[str, tuple[int, float]]) -> dict[str, str]:
     problems = {}
-    for component, count in wanted.items():
+    for component, (count, since) in wanted.items():
         have = [
             e
             for e in entries
@@ -62,14 +62,23 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--servegrid", required=True)
     parser.add_argument("--host", required=True)
-    parser.add_argument("--since", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--absent", action="store_true")
     parser.add_argument("--graph", help="graph config the services were started from")
-    parser.add_argument("--services", default="", help="comma-separated service names")
+    parser.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        help="SERVICE[,SERVICE...]@EPOCH: instances of these registered at or after EPOCH",
+    )
     args = parser.parse_args()
-    services = [name for name in args.services.split(",") if name]
-    wanted = wanted_instances(args.graph, services) if services else {}
+    since: dict[str, float] = {}
+    for item in args.expect:
+        names, _, at = item.partition("@")
+        for name in names.split(","):
+            since[name] = float(at or 0)
+    counts = wanted_instances(args.graph, list(since)) if since else {}
+    wanted = {name: (counts[name], since[name]) for name in since}
     deadline = time.monotonic() + args.timeout
     problems: dict[str, str] = {}
     while True:
@@ -79,11 +88,13 @@ def main() -> int:
                 left = sorted({e["component"] for e in entries if e["host"] == args.host})
                 problems = {c: "still registered" for c in left}
             else:
-                problems = missing(entries, args.host, args.since, wanted)
+                problems = missing(entries, args.host, wanted)
         except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
             problems = {"discovery": str(error)}
         if not problems:
-            print(json.dumps({"host": args.host, "ok": True, "wanted": wanted}))
+            print(
+                json.dumps({"host": args.host, "registered": {k: v[0] for k, v in wanted.items()}})
+            )
             return 0
         if time.monotonic() > deadline:
             detail = "; ".join(f"{k}: {v}" for k, v in problems.items())
