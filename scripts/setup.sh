@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian 12 machine for servegrid: system packages, then .venv with the
-# package and its dev tools. Safe to run again: it installs only what is missing.
+# package, its dev tools and the stacks' Pulumi SDKs (tests/stacks runs them under mocks).
+# Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
-echo "setup: installing servegrid (editable) with its dev tools into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+echo "setup: installing servegrid (editable) with its dev tools and the Pulumi stacks into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,stacks]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/servegrid --help >/dev/null
 echo "setup: done (.venv/bin/servegrid)"

@@ -4,11 +4,12 @@
 #   system/     `servegrid serve` of real graphs on this host
 #   integration/ real etcd and nats-server on loopback
 #   cluster/    test nodes (systemd-nspawn); needs root
+#   stacks/     the Pulumi programs under Pulumi's mocks (no cloud, no Pulumi CLI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "test: ruff"
-.venv/bin/ruff check runtime tests bench examples
+.venv/bin/ruff check runtime tests bench examples stacks
 # In CI a missing testbed or server binary is a failure, never a silent skip.
 if [ "${CI:-}" = "true" ]; then
   export SERVEGRID_REQUIRE_TESTBED=1

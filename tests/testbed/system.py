@@ -54,9 +54,7 @@ def preflight_problems() -> list[str]:
         problems.append("the testbed needs root (network namespaces, mounts, systemd-nspawn)")
     missing = sorted({pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None})
     if missing:
-        problems.append(
-            "missing Debian packages: " + " ".join(missing) + " (run scripts/setup.sh)"
-        )
+        problems.append("missing Debian packages: " + " ".join(missing) + " (run scripts/setup.sh)")
     return problems
 
 

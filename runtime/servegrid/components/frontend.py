@@ -108,8 +108,13 @@ class Frontend:
                 f"model {request.model!r} is not served here (models: {', '.join(models)})"
             )
         stream = self.processor.generate(request)
+        first = True
         try:
             async for chunk in stream:
+                if first:
+                    first = False
+                    if chunk.worker_id and self.http is not None:
+                        self.http.metrics.record_route(chunk.worker_id, chunk.overlap_blocks)
                 yield chunk
         except Exception as exc:
             mapped = as_client_error(exc)

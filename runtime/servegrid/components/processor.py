@@ -1,7 +1,7 @@
 """Processor: chat template and tokenization in, incremental detokenization out.
 
 It asks the Router for a worker when the graph links one (``...link(Router).link(Worker)``),
-else picks a worker itself (``router: random | round-robin``), and then streams from that
+else picks a worker itself (``router: random | round-robin | kv``), and then streams from that
 worker directly: tokens never pass through the router.
 """
 
@@ -16,10 +16,11 @@ from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
 from servegrid.http.errors import InvalidRequestError
 from servegrid.llm.detokenizer import IncrementalDetokenizer
 from servegrid.llm.model_init import BUILTIN_MODEL, ensure_model
-from servegrid.llm.protocol import GenerateChunk, RouteRequest, TextRequest
+from servegrid.llm.protocol import GenerateChunk, RouteRequest, RouteResponse, TextRequest
 from servegrid.llm.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
-from servegrid.sdk import async_on_start, depends, endpoint, service
+from servegrid.sdk import ServiceConfig, async_on_start, depends, endpoint, service
 from servegrid.sdk.graph import LINKS
+from servegrid.sdk.service import spec_of
 
 
 @service()
@@ -39,8 +40,8 @@ class Processor:
         self.default_max_tokens = default_max_tokens
         # With a Router linked in the graph, it decides; otherwise this picker does.
         self.use_router = Router in LINKS.edges.get(type(self), [])
-        # "kv" arrives with the KV-aware router; until then it is refused, not ignored.
-        self.picker = WorkerPicker(router)
+        settings = ServiceConfig.get_instance().settings(spec_of(type(self)).name)
+        self.picker = WorkerPicker(router, settings, "Processor")
         self.tokenizer: Tokenizer | None = None
         self._workers = None
 
@@ -49,6 +50,8 @@ class Processor:
         directory = await asyncio.to_thread(ensure_model, self.model)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, directory)
         self._workers = await self.worker.client("generate")
+        if not self.use_router:
+            await self.picker.start(Worker)
 
     def _prompt_ids(self, request: TextRequest) -> list[int]:
         tokenizer = self.tokenizer
@@ -87,20 +90,19 @@ class Processor:
             ignore_eos=request.ignore_eos,
         )
 
-    async def _pick_worker(self, prompt_ids: list[int], request_id: str) -> int:
+    async def _pick_worker(self, prompt_ids: list[int], request_id: str) -> RouteResponse:
+        request = RouteRequest(token_ids=prompt_ids, request_id=request_id)
         if self.use_router:
-            answer = await self.router.route(
-                RouteRequest(token_ids=prompt_ids, request_id=request_id)
-            )
-            return answer.worker_id
+            return await self.router.route(request)
         assert self._workers is not None
-        return self.picker.pick(self._workers.instance_ids())
+        return self.picker.route(request, self._workers.instance_ids())
 
     @endpoint()
     async def generate(self, request: TextRequest) -> AsyncIterator[GenerateChunk]:
         prompt_ids = self._prompt_ids(request)
         sampling = self._sampling(request, len(prompt_ids))
-        worker_id = await self._pick_worker(prompt_ids, request.request_id)
+        route = await self._pick_worker(prompt_ids, request.request_id)
+        worker_id = route.worker_id
         engine_request = EngineRequest(request.request_id, prompt_ids, sampling)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_ids, stop=request.stop)
         assert self._workers is not None
@@ -120,6 +122,8 @@ class Processor:
                 if first:
                     chunk.prompt_tokens = len(prompt_ids)
                     chunk.cached_tokens = output.cached_tokens
+                    chunk.worker_id = worker_id
+                    chunk.overlap_blocks = route.overlap_blocks
                     first = False
                 yield chunk
                 if finish is not None:

@@ -1,31 +1,67 @@
-"""Router: answers "which worker?" for a request; never carries its tokens."""
+"""Router: answers "which worker?" for a request; never carries its tokens.
+
+Modes (``Router.router-mode``, or ``Processor.router`` when the graph has no Router):
+``random``, ``round-robin``, and ``kv``: the worker with the lowest
+``overlap-score-weight * new_prefill_blocks + active_decode_blocks`` (kv_router/).
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
+from typing import Any
 
 from servegrid.components.worker import Worker
 from servegrid.http.errors import NoWorkersError
+from servegrid.kv_router.config import KvRouterConfig
+from servegrid.kv_router.router import KvRouter, start_kv_router
 from servegrid.llm.protocol import RouteRequest, RouteResponse
-from servegrid.sdk import depends, endpoint, service
+from servegrid.sdk import (
+    ServiceConfig,
+    async_on_shutdown,
+    async_on_start,
+    depends,
+    endpoint,
+    service,
+)
 from servegrid.sdk.errors import ConfigError
+from servegrid.sdk.service import _address, spec_of
 
-ROUTER_MODES = ("random", "round-robin")
+ROUTER_MODES = ("random", "round-robin", "kv")
 
 
 class WorkerPicker:
-    """Random or round-robin choice over a list of instance ids (shared with the Processor)."""
+    """Chooses a worker in one of ``ROUTER_MODES`` (shared by the Router and the Processor).
 
-    def __init__(self, mode: str) -> None:
+    ``settings`` is the owning service's config section; in ``kv`` mode the KV router's keys
+    are read from it (kv_router/config.py). ``start`` must run before ``pick`` in ``kv`` mode.
+    """
+
+    def __init__(
+        self, mode: str, settings: Mapping[str, Any] | None = None, where: str = "router"
+    ) -> None:
         if mode not in ROUTER_MODES:
-            raise ConfigError(
-                f"router mode {mode!r} is not one of: {', '.join(ROUTER_MODES)} "
-                "(the KV-aware mode 'kv' is not built yet)"
-            )
+            modes = ", ".join(ROUTER_MODES)
+            raise ConfigError(f"{where}: router mode {mode!r} is not one of: {modes}")
         self.mode = mode
         self._next = 0
+        self.kv_config = None
+        if mode == "kv":
+            self.kv_config = KvRouterConfig.from_settings(settings or {}, where)
+        self.kv: KvRouter | None = None
+
+    async def start(self, worker_service: type) -> None:
+        if self.kv_config is not None and self.kv is None:
+            namespace, component = _address(worker_service)
+            self.kv = await start_kv_router(self.kv_config, namespace, component)
+
+    async def stop(self) -> None:
+        if self.kv is not None:
+            await self.kv.close()
+            self.kv = None
 
     def pick(self, instance_ids: list[int]) -> int:
+        """Random or round-robin choice (the modes that do not look at the prompt)."""
         if not instance_ids:
             raise NoWorkersError("no worker is registered; start a Worker (or wait for one)")
         if self.mode == "random":
@@ -33,17 +69,50 @@ class WorkerPicker:
         self._next += 1
         return instance_ids[self._next % len(instance_ids)]
 
+    def state(self) -> dict:
+        state: dict[str, Any] = {"mode": self.mode}
+        if self.kv is not None:
+            state.update(self.kv.state())
+        return state
+
+    def route(self, request: RouteRequest, instance_ids: list[int]) -> RouteResponse:
+        if self.kv is None:
+            return RouteResponse(worker_id=self.pick(instance_ids))
+        if not instance_ids:
+            raise NoWorkersError("no worker is registered; start a Worker (or wait for one)")
+        decision = self.kv.route(request.token_ids, instance_ids, request.request_id)
+        return RouteResponse(worker_id=decision.worker_id, overlap_blocks=decision.overlap_blocks)
+
 
 @service()
 class Router:
     worker = depends(Worker)
 
     def __init__(self, router_mode: str = "round-robin") -> None:
-        self.picker = WorkerPicker(router_mode)
+        name = spec_of(type(self)).name
+        settings = ServiceConfig.get_instance().settings(name)
+        self.picker = WorkerPicker(router_mode, settings, name)
         self._workers = None
+
+    @async_on_start
+    async def start_router(self) -> None:
+        self._workers = await self.worker.client("generate")
+        await self.picker.start(Worker)
+
+    @async_on_shutdown
+    async def stop_router(self) -> None:
+        await self.picker.stop()
 
     @endpoint()
     async def route(self, request: RouteRequest) -> RouteResponse:
         if self._workers is None:
             self._workers = await self.worker.client("generate")
-        return RouteResponse(worker_id=self.picker.pick(self._workers.instance_ids()))
+        return self.picker.route(request, self._workers.instance_ids())
+
+    @endpoint()
+    async def state(self, _: None = None) -> dict:
+        """The router's view: mode and, under ``kv``, each worker's indexed blocks and load."""
+        if self._workers is not None and self.picker.kv is not None:
+            # membership is otherwise checked per decision; a state query sees it current
+            self.picker.kv.update_members(self._workers.instance_ids())
+        return self.picker.state()

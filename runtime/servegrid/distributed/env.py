@@ -19,6 +19,14 @@ SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
 # Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
 
+# The graph's namespace, set explicitly (owner: h-life); unset, embedded mode isolates each
+# `servegrid serve` and cluster mode derives it from the config.
+SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
+# The cluster secret (owner: h-plane): a file holding it (owned by the user, mode 0600 or
+# stricter), or the value itself.
+SERVEGRID_CLUSTER_SECRET_FILE = "SERVEGRID_CLUSTER_SECRET_FILE"
+SERVEGRID_CLUSTER_SECRET = "SERVEGRID_CLUSTER_SECRET"
+
 # Set by `servegrid serve` for the processes it starts.
 SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"
 SERVEGRID_GRAPH = "SERVEGRID_GRAPH"

@@ -260,6 +260,8 @@ class NatsWorkQueue(WorkQueue):
     ``ack_wait`` is how long a consumer may hold an item without acking before it goes to
     another consumer (``NatsWorkItem.in_progress`` extends it). The stream and the shared
     durable consumer are created on first use; ``ack_wait`` is updated when it differs.
+    A producer that should not decide it (the consumers own it) passes ``ack_wait=None``:
+    an existing consumer keeps its value, a new one gets the default.
     """
 
     def __init__(
@@ -267,7 +269,7 @@ class NatsWorkQueue(WorkQueue):
         connection: NatsConnection,
         name: str,
         *,
-        ack_wait: float = DEFAULT_ACK_WAIT,
+        ack_wait: float | None = DEFAULT_ACK_WAIT,
         max_deliver: int | None = None,
         request_timeout: float = 5.0,
     ) -> None:
@@ -320,7 +322,7 @@ class NatsWorkQueue(WorkQueue):
         config = js_api.ConsumerConfig(
             durable_name=WORK_QUEUE_CONSUMER,
             ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait,
+            ack_wait=self.ack_wait if self.ack_wait is not None else DEFAULT_ACK_WAIT,
             max_deliver=self.max_deliver,
             filter_subject=self.subject,
             deliver_policy=js_api.DeliverPolicy.ALL,
@@ -329,7 +331,7 @@ class NatsWorkQueue(WorkQueue):
             info = await self._js.consumer_info(self.stream, WORK_QUEUE_CONSUMER)
         except nats.js.errors.NotFoundError:
             info = None
-        if info is not None and info.config.ack_wait == self.ack_wait:
+        if info is not None and self.ack_wait in (None, info.config.ack_wait):
             return
         await self._js.add_consumer(self.stream, config)
 

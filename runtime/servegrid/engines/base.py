@@ -35,13 +35,20 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
 
 
-class KvEvent(msgspec.Struct, omit_defaults=True):
-    """Blocks that entered (``stored``) or left (``removed``) a worker's KV cache.
+STORED, REMOVED, CLEARED = "stored", "removed", "cleared"
 
-    ``block_hashes`` are chained hashes of full token blocks (see llm.kv_hash), parent first.
+
+class KvEvent(msgspec.Struct, omit_defaults=True):
+    """Blocks that entered (``stored``) or left (``removed``) a worker's KV cache, or all
+    of them left at once (``cleared``).
+
+    ``block_hashes`` are chained hashes of full token blocks (``llm.kv_hash.block_hashes``),
+    parent first; ``parent_hash`` is the hash of the block before the first one (None at a
+    sequence's start). A block whose KV arrived from elsewhere (a remote prefill) is reported
+    ``stored`` exactly like one computed here: the router only cares what the cache holds.
     """
 
-    kind: str  # "stored" | "removed" | "cleared"
+    kind: str  # STORED | REMOVED | CLEARED
     block_hashes: list[int] = []
     parent_hash: int | None = None
 
@@ -74,8 +81,19 @@ class Engine(abc.ABC):
     def load_metrics(self) -> LoadMetrics: ...
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
-        """Where to report KV events; engines without a KV cache ignore it."""
+        """Where to report KV events; engines without a KV cache ignore it.
+
+        The engine calls ``sink(event)`` on its event loop, synchronously, in the order the
+        cache changed; the Worker numbers and publishes them (kv_router.publisher).
+        """
         return None
+
+    def cached_block_hashes(self) -> list[int]:
+        """Every block hash the cache holds now, any order (a router's re-synchronisation).
+
+        Must agree with the events sent so far: called on the event loop between events.
+        """
+        return []
 
     @abc.abstractmethod
     async def stop(self) -> None: ...

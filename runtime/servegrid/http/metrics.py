@@ -12,6 +12,7 @@ PREFIX = "servegrid_frontend_"
 
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0)
+OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -131,6 +132,21 @@ class FrontendMetrics:
             E2E_BUCKETS,
         )
 
+        self.routed = Counter(
+            "routed_requests_total",
+            "Generation requests routed to each worker (instance id in hex).",
+            ("worker",),
+        )
+        self.route_overlap = Histogram(
+            "route_overlap_blocks",
+            "Prompt KV blocks the router found cached on the chosen worker, per decision.",
+            OVERLAP_BUCKETS,
+        )
+
+    def record_route(self, worker_id: int, overlap_blocks: int) -> None:
+        self.routed.inc((f"{worker_id:x}",))
+        self.route_overlap.observe(overlap_blocks)
+
     def render(self) -> bytes:
         out: list[str] = []
         for metric in (
@@ -141,6 +157,8 @@ class FrontendMetrics:
             self.ttft,
             self.itl,
             self.e2e,
+            self.routed,
+            self.route_overlap,
         ):
             metric.render(out)
         return "".join(out).encode()

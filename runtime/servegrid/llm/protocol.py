@@ -48,6 +48,8 @@ class GenerateChunk(msgspec.Struct, omit_defaults=True, array_like=True):
     completion_tokens: int = 0  # cumulative
     prompt_tokens: int = 0  # set on the first chunk
     cached_tokens: int = 0  # set on the first chunk
+    worker_id: int = 0  # first chunk: the worker chosen (for the frontend's routing metrics)
+    overlap_blocks: int = 0  # first chunk: prompt blocks the router found cached there
 
 
 class RouteRequest(msgspec.Struct, omit_defaults=True):

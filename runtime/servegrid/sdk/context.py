@@ -26,5 +26,13 @@ class ServiceContext(dict):
         """Instances of services hosted in this very process, by service name."""
         return self.setdefault("local_services", {})
 
+    def instance_id(self, service: str) -> int:
+        """The instance id this process registers ``service``'s endpoints under (known before
+        its ``async_on_start`` hooks run, so a service can announce itself by it)."""
+        ids = self.get("instance_ids") or {}
+        if service not in ids:
+            raise RuntimeError(f"service {service!r} is not hosted in this process")
+        return ids[service]
+
 
 servegrid_context = ServiceContext()

@@ -67,6 +67,7 @@ async def host_services(
             args = effective_service_args(spec, config)
             instance = spec.cls(**constructor_kwargs(spec, config.settings(spec.name)))
             hosted.append(HostedService(spec, instance, args["namespace"]))
+            servegrid_context.setdefault("instance_ids", {})[spec.name] = hosted[-1].instance_id
             servegrid_context.local_services[spec.name] = instance
         for item in hosted:
             await _call_hooks(item, item.spec.on_start)

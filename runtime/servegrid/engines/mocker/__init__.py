@@ -7,17 +7,18 @@ from typing import Any
 
 from servegrid.engines.mocker.config import MockerConfig
 from servegrid.engines.mocker.engine import EngineDeadError, MockerEngine
+from servegrid.engines.mocker.kv_transfer import KvTransferMocker
 
 DEFAULT_VOCAB_SIZE = 2048
 
-__all__ = ["EngineDeadError", "MockerConfig", "MockerEngine", "create"]
+__all__ = ["EngineDeadError", "KvTransferMocker", "MockerConfig", "MockerEngine", "create"]
 
 
 def _readable(text: str) -> bool:
     return bool(text) and "\ufffd" not in text and text.replace("\n", " ").isprintable()
 
 
-def create(config: Mapping[str, Any]) -> MockerEngine:
+def create(config: Mapping[str, Any]) -> KvTransferMocker:
     """Build a mocker from a service config (dashed keys; keys of other parts are ignored).
 
     With a ``model`` the vocabulary and special ids come from that model's tokenizer, so
@@ -38,4 +39,4 @@ def create(config: Mapping[str, Any]) -> MockerEngine:
         special = tokenizer.special_ids | unreadable
     if cfg.vocab_size is not None:
         vocab_size = cfg.vocab_size
-    return MockerEngine(cfg, vocab_size=vocab_size, special_ids=special)
+    return KvTransferMocker(cfg, vocab_size=vocab_size, special_ids=special)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from hashlib import blake2b
 
 from servegrid.engines.base import (
@@ -150,6 +150,9 @@ class MockerEngine(Engine):
             waiting_requests=len(self._waiting),
         )
 
+    def cached_block_hashes(self) -> list[int]:
+        return list(self._pool.cached)
+
     def prefix_hit_tokens(self, token_ids: list[int]) -> int:
         """Prompt tokens this engine's cache holds now (a worker's remote-prefill decision)."""
         if not self.config.enable_prefix_caching:
@@ -162,8 +165,13 @@ class MockerEngine(Engine):
             hits += 1
         return hits * self._bs
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        seq = self._submit(request)
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        return self._stream(lambda: self._submit(request))
+
+    async def _stream(self, start: Callable[[], _Seq]) -> AsyncIterator[EngineOutput]:
+        """Outputs of the sequence ``start()`` puts in the scheduler's hands (called on the
+        first iteration, so an iterator closed before it starts leaves nothing behind)."""
+        seq = start()
         loop = asyncio.get_running_loop()
         first = True
         try:
@@ -188,6 +196,14 @@ class MockerEngine(Engine):
     # -- submission and teardown -----------------------------------------------------
 
     def _submit(self, request: EngineRequest) -> _Seq:
+        seq = self._new_seq(request)
+        self._ensure_started()
+        self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def _new_seq(self, request: EngineRequest) -> _Seq:
+        """A checked, unscheduled sequence for ``request``."""
         if self._dead is not None:
             raise EngineDeadError(f"mocker: {self._dead}")
         cfg = self.config
@@ -216,13 +232,9 @@ class MockerEngine(Engine):
             digest = blake2b(request.request_id.encode(), digest_size=8).digest()
             rng = int.from_bytes(digest, "little")
         hashes = block_hashes(prompt, self._bs) if cfg.enable_prefix_caching else []
-        seq = _Seq(
+        return _Seq(
             prompt, sp.max_tokens, cfg.max_model_len, rng, frozenset(sp.stop_token_ids), hashes
         )
-        self._ensure_started()
-        self._waiting.append(seq)
-        self._wake.set()
-        return seq
 
     def _ensure_started(self) -> None:
         if self._task is None and self._dead is None:
@@ -237,6 +249,7 @@ class MockerEngine(Engine):
                 pass
         elif seq.status == _RUNNING:
             self._running.remove(seq)
+        if seq.blocks:  # running, or holding blocks reserved for KV computed elsewhere
             self._pool.release(seq.blocks)
             seq.blocks = []
         seq.status = _DONE

@@ -1,0 +1,1 @@
+"""The hello-world graphs: ``agg`` (decode workers prefill themselves) and ``disagg``."""

@@ -1,0 +1,1 @@
+"""The Kubernetes stack: the graph config's services as Deployments beside etcd and NATS."""
