@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,11 @@ from loadgen import LoadConfig, LoadResult, run_load  # noqa: E402
 from servegrid.distributed.embedded_nats import free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SCENARIOS = {
+    "completions": ("completions", False),
+    "chat": ("chat", False),
+    "chat-stream": ("chat", True),
+}
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -74,6 +80,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> No
     raise SystemExit(f"{url}/health did not answer within {timeout:.0f}s")
 
 
+HEADERS = ["scenario", "req/s", "out tok/s", "TTFT p50/p99 ms", "ITL p50 ms"]
+HEADERS += ["latency p50/p99 ms", "server µs CPU/req", "client µs CPU/req", "errors"]
+
+
 def row(name: str, result: LoadResult, server_cpu_s: float) -> list[str]:
     done = max(result.requests_ok + result.requests_failed, 1)
 
@@ -95,7 +105,8 @@ def row(name: str, result: LoadResult, server_cpu_s: float) -> list[str]:
 
 async def run_scenarios(args: argparse.Namespace, url: str, serve_pid: int) -> list[list[str]]:
     rows = []
-    for endpoint, stream in [("completions", False), ("chat", False), ("chat", True)]:
+    for name in args.scenarios.split(","):
+        endpoint, stream = SCENARIOS[name]
         config = LoadConfig(
             url=url,
             endpoint=endpoint,
@@ -131,16 +142,37 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
+    parser.add_argument(
+        "--http-server",
+        choices=["builtin", "uvicorn"],
+        default="builtin",
+        help="uvicorn: the Frontend serves the same app through bench/uvicorn_frontend.py",
+    )
+    # Anything else of the form --Service.key=value goes to `servegrid serve` as an override.
+    args, overrides = parser.parse_known_args()
+    bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0])]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --Service.key=value)")
+    args.overrides = overrides
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     discovery = tempfile.mkdtemp(prefix="servegrid-bench-")
     env = {**os.environ, "SERVEGRID_DISCOVERY_DIR": discovery, "SERVEGRID_LOG_LEVEL": "WARNING"}
+    if args.http_server == "uvicorn":  # its sitecustomize swaps the Frontend's server class
+        path = [str(BENCH / "uvicorn_variant"), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     command = [
         sys.executable, "-m", "servegrid.cli", "serve", "-f", args.config,
         f"--Frontend.port={port}", "--Frontend.host=127.0.0.1",
         f"--Worker.speedup-ratio={args.speedup}", f"--Worker.ServiceArgs.workers={args.workers}",
+        *args.overrides,
     ]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
@@ -154,6 +186,11 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
+    if args.json:
+        for values in rows:
+            print(json.dumps(dict(zip(HEADERS, values, strict=True))))
+        return
+
     from rich.console import Console
     from rich.table import Table
 
@@ -161,9 +198,7 @@ def main() -> None:
         title=f"{Path(args.config).name}: {args.workers} mocker workers x{args.speedup:g}, "
         f"c={args.concurrency}, {args.max_tokens} output tokens, {args.requests} requests each"
     )
-    headers = ["scenario", "req/s", "out tok/s", "TTFT p50/p99 ms", "ITL p50 ms"]
-    headers += ["latency p50/p99 ms", "server µs CPU/req", "client µs CPU/req", "errors"]
-    for header in headers:
+    for header in HEADERS:
         table.add_column(header, justify="right")
     for values in rows:
         table.add_row(*values)

@@ -6,7 +6,9 @@ The index is filled through the same path events take (encoded ``KvEventBatch`` 
 to ``KvRouter.on_events``), which gives the ingestion rate. Workers hold conversations that
 share a system prompt, so lookups walk real shared prefixes. A decision is ``KvRouter.route``
 on a prompt of ``--prompt-tokens`` tokens whose first half is a cached conversation: block
-hashing, index walk, cost of every worker, choice. Hashing alone is timed too. On a shared
+hashing, index walk, walk of the blocks this router's running requests use, cost of every
+worker, choice. Workers report their load (the requests they received and finished) every
+64 decisions, outside the timing. Hashing alone is timed too. On a shared
 machine wall-clock percentiles include time the process was not running; the CPU time of
 the deciding thread (``thread_time``) is printed beside them.
 """
@@ -21,7 +23,7 @@ import time
 
 from servegrid.engines.base import REMOVED, STORED, KvEvent
 from servegrid.kv_router.config import KvRouterConfig
-from servegrid.kv_router.protocol import KvEventBatch, KvSnapshot, encode
+from servegrid.kv_router.protocol import KvEventBatch, KvSnapshot, LoadReport, encode
 from servegrid.kv_router.router import KvRouter
 from servegrid.llm.kv_hash import block_hashes
 
@@ -93,6 +95,11 @@ def main() -> None:
         prompts.append(
             tokens[:half] + [rng.randrange(2048) for _ in range(args.prompt_tokens - half)]
         )
+    # Every worker reports its load (so the router tracks which prompt blocks are in use
+    # there); every 64 decisions each reports the requests it received and finished since.
+    for w in workers:
+        router.on_load(encode(LoadReport(w, 0, 8192, 0, 0)))
+    sent: dict[int, list[str]] = {w: [] for w in workers}
     decision_cpu_us: list[float] = []
     decision_us: list[float] = []
     hashing_us: list[float] = []
@@ -108,9 +115,12 @@ def main() -> None:
         decision_us.append((t1 - t0) * 1e6)
         hashing_us.append((t2 - t1) * 1e6)
         overlap += decision.overlap_blocks
-        if i % 64 == 0:  # workers report their load; the router's own count starts over
-            for w in workers:
-                router.loads.forget(w)
+        sent[decision.worker_id].append(f"r{i}")
+        if i % 64 == 63:
+            for w, ids in sent.items():
+                active = rng.randrange(2048)
+                router.on_load(encode(LoadReport(w, active, 8192, len(ids), 0, ids, ids)))
+                ids.clear()
 
     print(
         f"{args.workers} workers, {cached:,} cached blocks ({len(router.indexer._holders):,} "

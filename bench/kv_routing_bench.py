@@ -58,10 +58,13 @@ class Turn:
     user: int
     index: int  # 0 for a conversation's first turn
     prompt: str
+    sent: float = 0.0  # seconds from the start of the run
+    done: float = 0.0
     ttft: float = 0.0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
+    answer: str = ""
 
 
 @dataclass
@@ -126,7 +129,7 @@ async def run_trace(url: str, args: argparse.Namespace, mode: str) -> ModeResult
         history = system
         for t in range(args.turns):
             prompt = f"{history}User {u}: {questions[u][t]}\nAssistant:"
-            turn = Turn(u, t, prompt)
+            turn = Turn(u, t, prompt, sent=time.perf_counter() - start)
             result.turns.append(turn)  # issue order: the trace the oracle replays
             try:
                 answer = await one_turn(client, turn, args.max_tokens, seed=u * 1000 + t)
@@ -134,6 +137,8 @@ async def run_trace(url: str, args: argparse.Namespace, mode: str) -> ModeResult
                 result.errors += 1
                 print(f"{mode}: user {u} turn {t}: {exc}", file=sys.stderr)
                 return
+            turn.done = time.perf_counter() - start
+            turn.answer = answer
             history = f"{prompt}{answer}\n"
 
     limits = httpx.Limits(max_connections=args.users + 4)
@@ -155,6 +160,8 @@ def serve(args: argparse.Namespace, mode: str, port: int, discovery: str) -> sub
         f"--Worker.speedup-ratio={args.speedup}", f"--Worker.ServiceArgs.workers={args.workers}",
         f"--Worker.num-gpu-blocks={args.gpu_blocks}",
     ]  # fmt: skip
+    if mode == "kv":
+        command += [f"--Router.{setting}" for setting in args.router_setting]
     return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
@@ -178,21 +185,118 @@ def wait_workers(url: str, workers: int, timeout: float = 60.0) -> None:
             i += 1
 
 
-# -- the offline oracle ----------------------------------------------------------------------
+# -- the offline oracles ----------------------------------------------------------------------
+#
+# Both place the recorded trace knowing every cache exactly, under two policies: ``greedy``
+# sends each prompt where most of it is cached (ties: the least loaded worker), ``sticky``
+# keeps each user on one worker (users dealt round-robin). Both reuse the full blocks of a
+# prompt but its last token, as the engine does. They differ in what they let a cache do:
+#
+# - ``fair`` replays the trace in the time order it was served through the mocker's own
+#   block pool (``BlockPool``: same capacity, blocks pinned while their request runs, tail-
+#   first LRU eviction). A turn reaches its worker one full-prompt prefill step (the
+#   mocker's timing model) before its recorded first token, its prompt blocks are findable
+#   from that first token on, and the blocks of its answer are cached when it ends (the
+#   next turn's prompt starts with them when the answer re-tokenizes the same). A turn that
+#   arrives while the one it could share with is still prefilling finds nothing, as on a
+#   real worker. This is the reference the router is measured against.
+# - ``sequential`` (the earlier oracle) replays one turn at a time through plain LRU caches:
+#   nothing is pinned or in flight, so simultaneous turns find each other's blocks; its
+#   greedy placement, blind to time, can come out below the fair one.
+
+
+def token_ids(trace: list[Turn]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per turn: the prompt's ids, and the ids of prompt + answer as far as they extend it."""
+    from servegrid.llm.model_init import ensure_model
+    from servegrid.llm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ensure_model(MODEL))
+    prompts = [tokenizer.encode(t.prompt) for t in trace]
+    sequences = []
+    for turn, ids in zip(trace, prompts, strict=True):
+        whole = tokenizer.encode(turn.prompt + turn.answer)
+        sequences.append(whole if whole[: len(ids)] == ids else ids)
+    return prompts, sequences
+
+
+def fair_oracle(
+    trace: list[Turn], prompts: list[list[int]], sequences: list[list[int]], workers: int,
+    capacity: int, block_size: int, speedup: float, policy: str,
+) -> tuple[float, float]:  # fmt: skip
+    from servegrid.engines.mocker.kv_cache import BlockPool
+    from servegrid.engines.mocker.timing import step_seconds
+    from servegrid.llm.kv_hash import block_hashes
+
+    pools = [BlockPool(capacity) for _ in range(workers)]
+    placed: dict[int, tuple[int, list[int], list[int]]] = {}  # turn -> worker, blocks, hashes
+    events = []  # (time, order at equal times, what, turn)
+    for i, turn in enumerate(trace):
+        if turn.done:  # served (an errored turn has no end)
+            first_token = turn.sent + turn.ttft
+            prefill = step_seconds(len(prompts[i]), 0, 0, speedup)
+            events.append((max(turn.sent, first_token - prefill), 1, "arrive", i))
+            events += [(first_token, 2, "prefilled", i), (turn.done, 0, "finish", i)]
+    events.sort()
+    cached = [0, 0]  # all turns, turns after the first
+    total = [0, 0]
+    fake = 1 << 63  # hashes of generated blocks: never asked for again
+    for _, _, what, i in events:
+        turn, ids = trace[i], prompts[i]
+        if what == "arrive":
+            hashes = block_hashes(ids, block_size)
+            usable = hashes[: (len(ids) - 1) // block_size]
+            if policy == "sticky":
+                w = turn.user % workers
+            else:
+                w = max(
+                    range(workers),
+                    key=lambda k: (hit_blocks(pools[k].cached, usable), -pools[k].num_active),
+                )
+            pool = pools[w]
+            blocks = pool.acquire_prefix(usable)
+            hit = len(blocks) * block_size
+            need = -(-(len(ids) + turn.output_tokens) // block_size) - len(blocks)
+            for _ in range(min(need, pool.num_available)):  # beyond that: as if it fitted
+                blocks.append(pool.allocate())
+            placed[i] = (w, blocks, hashes)
+            cached[0] += hit
+            total[0] += len(ids)
+            if turn.index:
+                cached[1] += hit
+                total[1] += len(ids)
+        elif what == "prefilled":
+            w, blocks, hashes = placed[i]
+            for block, h in zip(blocks, hashes, strict=False):
+                pools[w].commit(block, h)
+        else:
+            # The engine caches every full block of computed tokens (all but the last one).
+            w, blocks, hashes = placed.pop(i)
+            full = (len(ids) + turn.output_tokens - 1) // block_size
+            answer = block_hashes(sequences[i], block_size)
+            for b in range(len(hashes), min(full, len(blocks))):
+                if b < len(answer):
+                    pools[w].commit(blocks[b], answer[b])
+                else:
+                    fake += 1
+                    pools[w].commit(blocks[b], fake)
+            pools[w].release(blocks)
+            pools[w].removed.clear()
+    return cached[0] / max(total[0], 1), cached[1] / max(total[1], 1)
+
+
+def hit_blocks(cached: dict[int, int], hashes: list[int]) -> int:
+    n = 0
+    for h in hashes:
+        if h not in cached:
+            break
+        n += 1
+    return n
 
 
 class LruCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.blocks: OrderedDict[int, None] = OrderedDict()
-
-    def hits(self, hashes: list[int]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self.blocks:
-                break
-            n += 1
-        return n
 
     def use(self, hashes: list[int]) -> None:
         for h in hashes:
@@ -202,42 +306,50 @@ class LruCache:
             self.blocks.popitem(last=False)
 
 
-def oracle(
-    trace: list[Turn], workers: int, capacity: int, block_size: int
-) -> dict[str, tuple[float, float]]:
-    """Hit rates of two placements of the trace, each knowing every cache exactly:
-    ``greedy`` sends each prompt where most of it is cached (ties: fewest blocks placed so
-    far); ``sticky`` keeps each user on one worker (users dealt round-robin). Both reuse all
-    full blocks but the prompt's last token, as the engine does."""
+def sequential_oracle(
+    trace: list[Turn], prompts: list[list[int]], sequences: list[list[int]], workers: int,
+    capacity: int, block_size: int, speedup: float, policy: str,
+) -> tuple[float, float]:  # fmt: skip
     from servegrid.llm.kv_hash import block_hashes
-    from servegrid.llm.model_init import ensure_model
-    from servegrid.llm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(ensure_model(MODEL))
-    prompts = [tokenizer.encode(t.prompt) for t in trace]
-    rates = {}
-    for name in ("greedy", "sticky"):
-        caches = [LruCache(capacity) for _ in range(workers)]
-        placed = [0] * workers
-        cached = [0, 0]  # all turns, turns after the first
-        total = [0, 0]
-        for turn, ids in zip(trace, prompts, strict=True):
-            hashes = block_hashes(ids, block_size)
-            usable = hashes[: (len(ids) - 1) // block_size]
-            if name == "greedy":
-                w = max(range(workers), key=lambda i: (caches[i].hits(usable), -placed[i]))
-            else:
-                w = turn.user % workers
-            hit = caches[w].hits(usable) * block_size
-            cached[0] += hit
-            total[0] += len(ids)
-            if turn.index:
-                cached[1] += hit
-                total[1] += len(ids)
-            caches[w].use(hashes)
-            placed[w] += len(hashes)
-        rates[name] = (cached[0] / max(total[0], 1), cached[1] / max(total[1], 1))
-    return rates
+    caches = [LruCache(capacity) for _ in range(workers)]
+    placed = [0] * workers
+    cached = [0, 0]
+    total = [0, 0]
+    for i, (turn, ids) in enumerate(zip(trace, prompts, strict=True)):
+        hashes = block_hashes(ids, block_size)
+        usable = hashes[: (len(ids) - 1) // block_size]
+        if policy == "greedy":
+            w = max(
+                range(workers), key=lambda i: (hit_blocks(caches[i].blocks, usable), -placed[i])
+            )
+        else:
+            w = turn.user % workers
+        hit = hit_blocks(caches[w].blocks, usable) * block_size
+        cached[0] += hit
+        total[0] += len(ids)
+        if turn.index:
+            cached[1] += hit
+            total[1] += len(ids)
+        caches[w].use(block_hashes(sequences[i], block_size))
+        placed[w] += len(hashes)
+    return cached[0] / max(total[0], 1), cached[1] / max(total[1], 1)
+
+
+def oracles(
+    trace: list[Turn], workers: int, capacity: int, block_size: int, speedup: float
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Hit rates (all turns, turns 2+) per oracle and placement policy."""
+    prompts, sequences = token_ids(trace)
+    return {
+        name: {
+            policy: replay(
+                trace, prompts, sequences, workers, capacity, block_size, speedup, policy
+            )
+            for policy in ("greedy", "sticky")
+        }
+        for name, replay in (("fair", fair_oracle), ("sequential", sequential_oracle))
+    }
 
 
 def main() -> None:
@@ -255,11 +367,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per mode")
+    parser.add_argument(
+        "--router-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Router key for the kv mode, e.g. overlap-score-weight=2 (repeatable)",
+    )
+    parser.add_argument("--save-trace", metavar="PATH", help="write each mode's turns as JSON")
+    parser.add_argument(
+        "--from-trace", metavar="PATH", help="serve nothing: report a --save-trace file again"
+    )
     parser.add_argument("--show-routing", action="store_true", help="print routing metrics")
     args = parser.parse_args()
 
     results: list[ModeResult] = []
-    for mode in args.modes.split(","):
+    if args.from_trace:
+        saved = json.loads(Path(args.from_trace).read_text())
+        for mode, r in saved.items():
+            turns = [Turn(**t) for t in r["turns"]]
+            results.append(ModeResult(mode, turns, r["wall"], r["errors"]))
+    for mode in args.modes.split(",") if not args.from_trace else ():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         discovery = tempfile.mkdtemp(prefix="servegrid-kvbench-")
@@ -295,14 +423,28 @@ def main() -> None:
             f"{r.ttft_ms(0.5):.1f} / {r.ttft_ms(0.99):.1f} | "
             f"{len(r.turns) / r.wall:.1f} | {out / r.wall:,.0f} | {r.errors} |"
         )
+    if args.save_trace:
+        Path(args.save_trace).write_text(
+            json.dumps(
+                {
+                    r.mode: {
+                        "wall": r.wall,
+                        "errors": r.errors,
+                        "turns": [vars(t) for t in r.turns],
+                    }
+                    for r in results
+                }
+            )
+        )
     trace = results[0].turns
-    rates = oracle(trace, args.workers, args.gpu_blocks, 16)
-    best = max(rates.values(), key=lambda r: r[1])
-    print(
-        f"| oracle (offline, trace of {results[0].mode}; best of greedy / sticky) | "
-        f"{best[0]:.1%} | {best[1]:.1%} | | | | |"
-    )
-    print(f"oracle placements (all turns, turns 2+): {rates}")
+    for name, rates in oracles(trace, args.workers, args.gpu_blocks, 16, args.speedup).items():
+        best = max(rates.values(), key=lambda r: r[1])
+        print(
+            f"| oracle, {name} (trace of {results[0].mode}; best of greedy / sticky) | "
+            f"{best[0]:.1%} | {best[1]:.1%} | | | | |"
+        )
+        placements = ", ".join(f"{p} {a:.1%} / {b:.1%}" for p, (a, b) in rates.items())
+        print(f"  {name} oracle placements (all turns / turns 2+): {placements}")
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
 
 

@@ -41,6 +41,8 @@ class Shouter:
     async def shout(self, text: str) -> AsyncIterator[dict]:
         words = await self.counter.count(text)
         if self.delay_first:
+            # Said before the wait, so a test can kill this worker while it holds the request.
+            print(f"Shouter {self.pid} holding {text!r}", flush=True)
             await asyncio.sleep(self.delay_first)
         for word in text.split():
             yield {"word": word.upper() + self.suffix, "pid": self.pid, "words": words}

@@ -17,7 +17,7 @@ from typing import Any
 
 from servegrid.components.launch import ALIASES
 from servegrid.sdk.config import SERVICE_ARGS
-from servegrid.sdk.layered_config import _parse_value
+from servegrid.sdk.flags import parse_value
 from stacks.graph import GraphPlan, ProcessGroup
 
 CONFIG_DIR = "/etc/servegrid"
@@ -56,7 +56,7 @@ def flag_value(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps(value)
     text = str(value).lower() if isinstance(value, bool) else str(value)
-    return text if _parse_value(text) == value else json.dumps(value)
+    return text if parse_value(text) == value else json.dumps(value)
 
 
 def launch_command(graph: GraphPlan, group: ProcessGroup) -> Launch:

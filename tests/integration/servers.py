@@ -126,11 +126,19 @@ class EtcdServer:
 
 
 class NatsServer:
-    """A nats-server with JetStream on a fixed loopback port and a persistent store."""
+    """A nats-server with JetStream on a fixed loopback port and a persistent store.
 
-    def __init__(self, binary: Path, store_dir: Path) -> None:
+    With ``password`` it requires user ``user`` with that password, configured as the deploy
+    role configures it: an ``authorization`` block in a config file.
+    """
+
+    def __init__(
+        self, binary: Path, store_dir: Path, *, user: str = "servegrid", password: str | None = None
+    ) -> None:
         self.binary = binary
         self.store_dir = store_dir
+        self.user = user
+        self.password = password
         self.log_path = store_dir.parent / f"{store_dir.name}.log"
         self.port = free_port()
         self.process: subprocess.Popen | None = None
@@ -140,19 +148,16 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.process = _start(
-            [
-                str(self.binary),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-            ],
-            self.log_path,
-        )
+        args = [str(self.binary), "-a", "127.0.0.1", "-p", str(self.port)]
+        args += ["-js", "-sd", str(self.store_dir)]
+        if self.password is not None:
+            config = self.store_dir.parent / f"{self.store_dir.name}.conf"
+            config.write_text(
+                f"authorization {{\n  user: {json.dumps(self.user)}\n"
+                f"  password: {json.dumps(self.password)}\n}}\n"
+            )
+            args += ["-c", str(config)]
+        self.process = _start(args, self.log_path)
         deadline = time.monotonic() + START_TIMEOUT
         while not _accepts("127.0.0.1", self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:

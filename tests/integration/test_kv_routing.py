@@ -41,7 +41,8 @@ def routed(metrics: str) -> dict[str, float]:
 
 
 def idle(state: dict) -> bool:
-    return all(w["active_blocks"] == 0 for w in state["workers"].values())
+    """No active blocks, and every request the router sent reported finished by its worker."""
+    return all(w["active_blocks"] == 0 and w["running"] == 0 for w in state["workers"].values())
 
 
 def overlap_sum(metrics: str) -> float:

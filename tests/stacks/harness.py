@@ -80,14 +80,11 @@ def example_config(stack_dir: Path, overrides: dict[str, Any] | None = None) -> 
 
 
 def fresh_graph_modules() -> None:
-    """Forget imported graph modules and their links, as a new `pulumi up` process would.
+    """Forget imported graph modules, as a new `pulumi up` process would.
 
-    ``.link()`` records edges process-wide when a graph module is imported; two graph configs
-    loaded in one test process would otherwise see each other's links.
+    (A graph's ``.link()`` edges belong to its own module, so graphs no longer see each
+    other's links; re-importing just starts from a clean module.)
     """
-    from servegrid.sdk.graph import LINKS
-
-    LINKS.clear()
     for name in [m for m in sys.modules if m.startswith("servegrid.graphs.")]:
         del sys.modules[name]
 

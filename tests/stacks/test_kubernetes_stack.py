@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from servegrid.components.launch import build_config, parse_flags
+from servegrid.components.launch import build_config, parse_settings
 from servegrid.distributed import env
 from servegrid.sdk.config import ServiceConfig
 from stacks.errors import StackConfigError
@@ -180,7 +180,7 @@ def test_the_cluster_secret_and_nats_credentials_are_secrets_never_plain_config(
 def test_worker_pods_start_the_launch_module_with_the_configs_settings_as_flags() -> None:
     command = container(run_k8s(), "Deployment/worker")["command"]
     assert command[:3] == ["python", "-m", "servegrid.worker"]
-    config = build_config([_worker_class()], parse_flags(command[3:]))
+    config = build_config([_worker_class()], parse_settings(command[3:]))
     expected = ServiceConfig(_merged("agg_router.yaml")).settings("Worker")
     assert ServiceConfig(config).settings("Worker") == expected
 

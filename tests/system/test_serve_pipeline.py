@@ -55,8 +55,10 @@ def _service_children(supervisor_pid: int) -> dict[str, int]:
 
 
 async def _ready(served, runtime: DistributedRuntime):
-    """Wait until the Ingress and both Shouter workers are registered; the Ingress client."""
+    """Wait until every service is registered (Counter too: each Shouter call uses it); the
+    Ingress client."""
     served.wait_for_output("Ingress ready", timeout=60)
+    served.wait_for_output("Counter ready", timeout=60)
     client = await _ingress_client(runtime)
     shouters = await runtime.namespace("pipeline").component("Shouter").endpoint("shout").client()
     await shouters.wait_for_instances(2, timeout=30)

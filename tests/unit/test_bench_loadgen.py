@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -117,13 +117,13 @@ async def test_500_answers_are_counted_as_errors_by_status(stream: bool) -> None
 
 
 async def test_duration_bounds_a_run_without_a_request_count(server: CannedServer) -> None:
-    t0 = time.perf_counter()
-    r = await run_load(LoadConfig(url=server.url, duration=0.3, concurrency=2, model="m"))
-    elapsed = time.perf_counter() - t0
+    r = await asyncio.wait_for(
+        run_load(LoadConfig(url=server.url, duration=0.3, concurrency=2, model="m")), 60
+    )
     assert r.stopped_by == "duration"
     assert r.requests_ok > 0 and r.requests_failed == 0
-    assert 0.3 <= r.wall_s < 1.5
-    assert elapsed < 5
+    assert r.requests_ok <= server.stats.completions  # counted from answers the server gave
+    assert r.wall_s >= 0.3  # it ran for the duration (how much longer depends on the machine)
 
 
 async def test_a_server_that_never_answers_gives_timeouts_not_a_hang() -> None:
@@ -211,17 +211,25 @@ def _cli(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_json_result_and_client_cpu_per_request_is_small(
+def test_cli_json_result_and_client_cpu_is_the_processes_own(
     canned_process: Callable[..., str],
 ) -> None:
     url = canned_process()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = _cli(url, "--requests", "4000", "--warmup", "200", "--concurrency", "32", "--json")
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["requests_ok"] == 4000 and result["errors"] == {}
     assert result["output_tokens"] == 4000 * 32
-    # The client's own CPU cost is reported (its budget is a bench/ figure, not a test).
-    assert result["client_cpu_us_per_request"] > 0, result
+    # The reported client CPU covers the measured phase only, so it is a positive part of
+    # what the kernel charged the loadgen process for its whole life (its size is a bench/
+    # figure, not a test). A unit slip (ms for µs) or a wrong divisor breaks this.
+    whole_life_s = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    measured_s = result["client_cpu_us_per_request"] * result["requests_ok"] / 1e6
+    assert 0 < measured_s <= whole_life_s, (measured_s, whole_life_s)
 
 
 def test_cli_prints_a_table_and_exits_1_when_every_request_failed(
@@ -249,6 +257,9 @@ async def test_ttft_and_inter_token_latency_follow_the_servers_pacing() -> None:
     assert (r.requests_ok, r.output_tokens) == (4, 16)
     assert r.ttft_p50_ms is not None and r.itl_p50_ms is not None
     assert r.latency_p50_ms is not None
-    assert 40 <= r.ttft_p50_ms < 1000
-    assert 9 <= r.itl_p50_ms < 500
+    # Only what the server's pacing forces: no first token before 40 ms, no end before the
+    # last token. Gaps between tokens as the client sees them shrink when it reads late
+    # (several events in one read), so ITL has no floor here; its figures belong in bench/.
+    assert r.ttft_p50_ms >= 40
     assert r.latency_p50_ms >= 40 + 3 * 10
+    assert r.itl_p50_ms <= r.latency_p50_ms

@@ -274,6 +274,15 @@ BAD_REQUESTS = [
         id="bad-role",
     ),
     pytest.param({"model": MODEL, "messages": CHAT, "stop": 5}, "'stop'", "stop", id="stop-type"),
+    pytest.param(
+        {"model": MODEL, "messages": CHAT, "seed": 2**64 + 1},
+        "'seed': Input should be less than or equal to 9223372036854775807",
+        "seed",
+        id="seed-above-2**64",
+    ),
+    pytest.param(
+        {"model": MODEL, "messages": CHAT, "seed": -(2**63) - 1}, "'seed'", "seed", id="seed-low"
+    ),
 ]
 
 

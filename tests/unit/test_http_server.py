@@ -11,6 +11,7 @@ import time
 import pytest
 
 from servegrid.http import OpenAIHttpServer
+from servegrid.http.limits import HttpLimits
 from servegrid.llm.protocol import GenerateChunk, TextRequest
 
 MODEL = "tiny"
@@ -61,7 +62,7 @@ async def frontend():
 
 @pytest.fixture
 async def server(frontend):
-    srv = OpenAIHttpServer(frontend, "127.0.0.1", 0, max_body_bytes=4096)
+    srv = OpenAIHttpServer(frontend, "127.0.0.1", 0, limits=HttpLimits(max_body_bytes=4096))
     await srv.start()
     try:
         yield srv
@@ -332,7 +333,7 @@ async def test_stop_aborts_requests_that_outlive_the_timeout(frontend):
 
 
 async def test_idle_keepalive_connections_are_closed_after_the_timeout(frontend):
-    server = OpenAIHttpServer(frontend, "127.0.0.1", 0, keepalive_timeout_s=0.2)
+    server = OpenAIHttpServer(frontend, "127.0.0.1", 0, limits=HttpLimits(keepalive_timeout_s=0.2))
     await server.start()
     reader, writer = await connect(server)
     try:

@@ -47,3 +47,28 @@ def test_hashes_are_unsigned_64_bit_and_stable_across_processes():
             timeout=60,
         )
         assert out.stdout.strip() == repr(here)
+
+
+def test_the_hash_is_xxh3_64_of_packed_little_endian_uint32_seeded_with_the_parent():
+    """The definition another engine (in any language) must reproduce to be routable."""
+    import struct
+
+    from xxhash import xxh3_64_intdigest
+
+    from servegrid.llm import kv_hash
+
+    ids = [70000, 0, 1, 2**32 - 1]  # ids need all four bytes
+    first = xxh3_64_intdigest(struct.pack("<4I", *ids), seed=kv_hash._ROOT)
+    second = xxh3_64_intdigest(struct.pack("<4I", *ids[::-1]), seed=first)
+    assert block_hashes(ids + ids[::-1], 4) == [first, second]
+    assert hash_block(ids) == first and hash_block(ids[::-1], first) == second
+
+
+def test_every_token_of_a_block_counts():
+    ids = list(range(100, 116))
+    base = hash_block(ids)
+    for i in range(16):
+        changed = [*ids]
+        changed[i] += 1
+        assert hash_block(changed) != base
+    assert hash_block([1, 0]) != hash_block([256, 0])  # packed as uint32, not bytes

@@ -115,11 +115,14 @@ def test_mocker_events_match_the_routers_hashes_of_the_same_prompt():
 # -- selection -------------------------------------------------------------------------------
 
 
-def test_cost_is_weighted_new_prefill_blocks_plus_active_blocks():
-    load = {A: 10, B: 0}
-    worker_costs = costs([A, B], {A: 8}, 10, load.__getitem__, overlap_score_weight=2.0)
-    assert worker_costs == [2.0 * 2 + 10, 2.0 * 10 + 0]
+def test_cost_is_weighted_new_prefill_blocks_plus_active_blocks_with_the_request():
+    # A holds 8 of the 10 prompt blocks and has 10 active; the request holds 11 once admitted
+    worker_costs = costs([A, B], {A: 8}, {}, 10, 11, {A: 10}, overlap_score_weight=2.0)
+    assert worker_costs == [2.0 * 2 + (10 + 11), 2.0 * 10 + (0 + 11)]
     assert choose([A, B], worker_costs, 0.0, random.Random(1)) == A
+    # 8 of its blocks already in use by requests running on A add nothing there
+    worker_costs = costs([A, B], {A: 8}, {A: 8}, 10, 11, {A: 10}, overlap_score_weight=2.0)
+    assert worker_costs == [2.0 * 2 + (10 + 3), 2.0 * 10 + (0 + 11)]
 
 
 def test_ties_are_broken_at_random():
@@ -144,11 +147,59 @@ def test_load_tracker_counts_sends_until_a_report_covers_them():
     loads = LoadTracker(clock)
     loads.routed(A, "r1", 5)
     loads.routed(A, "r2", 3)
+    loads.routed(A, "r2", 3)  # the same id again (a retry) counts once
     assert loads.active_blocks(A) == 8
     loads.on_report(LoadReport(A, 6, 100, 1, 0, ["r1"]))
     assert loads.active_blocks(A) == 6 + 3
+    loads.on_report(LoadReport(B, 0, 100, 0, 0, ["r2"]))  # another worker's report: no
+    assert loads.active_blocks(A) == 6 + 3
     clock.now += 60  # never covered (served elsewhere after a retry): it expires
     assert loads.active_blocks(A) == 6
+
+
+def test_prompt_blocks_count_as_in_use_until_the_worker_reports_the_request_finished():
+    clock = Clock()
+    loads = LoadTracker(clock)
+    loads.routed(A, "early", 3, hashes(1, 2, 3))  # A never reported: it cannot say when
+    assert loads.in_use_prefix(hashes(1, 2, 3)) == {}
+    loads.on_report(LoadReport(A, 0, 100, 0, 0))
+    loads.on_report(LoadReport(B, 0, 100, 0, 0))
+    loads.routed(A, "r1", 3, hashes(1, 2, 3))
+    loads.routed(A, "r2", 2, hashes(1, 2))
+    loads.routed(B, "r3", 1, hashes(1, 7))
+    assert loads.in_use_prefix(hashes(1, 2, 3, 4)) == {A: 3, B: 1}
+    loads.on_report(LoadReport(A, 5, 100, 2, 0, ["r1", "r2"], ["r1"]))
+    assert loads.in_use_prefix(hashes(1, 2, 3, 4)) == {A: 2, B: 1}  # r2 still uses 1, 2
+    assert loads.running() == 2
+    clock.now += 400  # never reported finished (its worker vanished): forgotten
+    loads.expire()
+    assert loads.in_use_prefix(hashes(1, 2)) == {} and loads.running() == 0
+
+
+def test_a_shared_prefix_in_use_on_a_busy_worker_costs_nothing_there():
+    """What the routing benchmark showed: a worker idle for a moment reports no active
+    blocks, one running a request over the shared system prompt reports those blocks too.
+    Counting that as load sent users away from the worker holding their history; the
+    system prompt would become active on the idle worker all the same."""
+    config = KvRouterConfig(block_size=BS, overlap_score_weight=1.0)
+    router = KvRouter(config, rng=random.Random(0))
+    router.update_members([A, B])
+    router.sync.on_snapshot(A, KvSnapshot(A, 0, hashes(1, 2, 3)))  # system prompt 1, 2, 3
+    router.sync.on_snapshot(B, KvSnapshot(B, 0, hashes(1, 2, 3, 4, 5, 6, 7, 8)))  # + history
+    router.on_load(encode(LoadReport(A, 0, 100, 0, 0)))
+    router.on_load(encode(LoadReport(B, 0, 100, 0, 0)))
+    # Another user's turn runs on B: system prompt + 3 own blocks + its first token's block.
+    router.loads.routed(B, "other", 7, hashes(1, 2, 3, 9, 11, 12))
+    router.on_load(encode(LoadReport(B, 7, 100, 1, 0, ["other"])))
+    turn = prompt(1, 2, 3, 4, 5, 6, 7, 8, 10)  # 9 blocks, 10 once admitted
+    # A: 6 to prefill + 10 to activate = 16; B: 1 to prefill + 7 active + 7 more = 15.
+    # Counting the running request's system prompt as load (8 on B against 6 on A) would
+    # have chosen A and prefilled the user's history again.
+    decision = router.route(turn, [A, B], "turn")
+    assert (decision.worker_id, decision.overlap_blocks) == (B, 8)
+    # Once that request finished, the prompt blocks on B are merely cached, as on A.
+    router.on_load(encode(LoadReport(B, 7, 100, 1, 0, ["turn"], ["other", "turn"])))
+    assert router.route(turn, [A, B], "again").worker_id == A
 
 
 def test_a_burst_spreads_before_any_report_arrives():
@@ -306,6 +357,7 @@ def test_publisher_numbers_batches_and_its_snapshot_matches_the_published_events
             request = EngineRequest(f"r{i}", [*prompt(i, i, i), 1], SamplingParams(max_tokens=2))
             async for _ in engine.generate(request):
                 pass
+            publisher.note_finished(f"r{i}")
         snapshot = publisher.snapshot()
         await asyncio.sleep(0.05)
         await publisher.stop()
@@ -324,6 +376,7 @@ def test_publisher_numbers_batches_and_its_snapshot_matches_the_published_events
         loads = [decode_load(p) for s, p in sent if s == "servegrid.ns.kv_load.Worker"]
         assert loads and all(r.worker_id == A for r in loads)
         assert [i for r in loads for i in r.received] == ["r0", "r1", "r2", "r3"]
+        assert [i for r in loads for i in r.finished] == ["r0", "r1", "r2", "r3"]
 
     asyncio.run(run())
 

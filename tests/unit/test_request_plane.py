@@ -115,3 +115,21 @@ async def test_a_preferred_instance_that_is_gone_falls_back_to_another(runtimes)
     answers = [item async for item in client.call_with_retry(None, instance_id=2)]
     assert answers == ["alive"]
     assert 2 not in client.instance_ids()  # marked down at once
+
+
+async def test_a_payload_that_cannot_be_encoded_leaves_no_stream_record(runtimes):
+    server, caller = await runtimes(), await runtimes()
+
+    async def echo(payload: dict) -> dict:
+        return payload
+
+    await server.namespace("t").component("E").endpoint("echo").serve(echo, instance_id=5)
+    client = await caller.namespace("t").component("E").endpoint("echo").client()
+    assert await (await client.round_robin({"seed": 1})).single() == {"seed": 1}
+    conn = caller.pool._conns[5]
+    for _ in range(3):  # msgpack has no integer above 2**64 - 1
+        with pytest.raises(OverflowError):
+            await client.round_robin({"seed": 2**64})
+    assert conn._streams == {}
+    assert not conn.closed
+    assert await (await client.round_robin({"seed": 2})).single() == {"seed": 2}

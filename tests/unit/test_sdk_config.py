@@ -12,7 +12,7 @@ import pytest
 
 from servegrid.sdk.config import ServiceConfig
 from servegrid.sdk.errors import ConfigError, GraphError
-from servegrid.sdk.graph import LINKS, import_service, resolve
+from servegrid.sdk.graph import import_service, links_of_module, resolve, resolve_ref
 from servegrid.sdk.layered_config import (
     constructor_kwargs,
     effective_service_args,
@@ -32,11 +32,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.fixture(autouse=True)
 def fresh_links():
-    saved = dict(LINKS.edges)
-    LINKS.clear()
+    """Edges this test module states (with ``link``) are its own; start each test bare."""
+    links_of_module(sys.modules[__name__]).clear()
     yield
-    LINKS.edges.clear()
-    LINKS.edges.update(saved)
+    links_of_module(sys.modules[__name__]).clear()
 
 
 def test_precedence_cli_over_yaml_over_decorator_over_constructor():
@@ -85,10 +84,20 @@ def test_service_args_override_the_decorator():
         parse_overrides(["--Leaf.ServiceArgs.namespace=staging"]),
     )
     args = effective_service_args(graph.get("Leaf"), merged)
-    assert args == {"namespace": "staging", "resources": {"gpu": 2}, "workers": 3}
+    assert args == {
+        "namespace": "staging",
+        "resources": {"gpu": 2},
+        "workers": 3,
+        "drain-timeout": 30.0,
+    }
     # and without ServiceArgs the decorator's values stand
     plain = effective_service_args(graph.get("Leaf"), {"Leaf": {}})
-    assert plain == {"namespace": "shapes", "resources": {"gpu": 1}, "workers": 1}
+    assert plain == {
+        "namespace": "shapes",
+        "resources": {"gpu": 1},
+        "workers": 1,
+        "drain-timeout": 30.0,
+    }
 
 
 def test_bad_worker_count_is_a_config_error():
@@ -158,16 +167,24 @@ def test_depends_edges_and_link_pruning():
     assert pruned.names() == ["Leaf", "Entry"]
 
 
-def test_seed_link_chain_prunes_the_unlinked_router(monkeypatch):
-    import importlib
-
-    import tests.unit.graphs.linked as linked
-
-    importlib.reload(linked)  # runs Entry.link(Middle).link(Leaf) on the fresh registry
-    graph = resolve(Entry)
+def test_seed_link_chain_prunes_the_unlinked_router():
+    graph = resolve_ref("tests.unit.graphs.linked:Entry")
     assert graph.edges == {"Entry": ["Middle"], "Middle": ["Leaf"], "Leaf": []}
     assert "Router" not in graph.names()
     assert graph.names()[0] == "Leaf"  # dependencies start first
+    # The chain belongs to the module that states it: here, Entry keeps all its edges.
+    assert "Router" in resolve(Entry).names()
+
+
+def test_importing_one_graph_module_does_not_change_another():
+    agg = resolve_ref("servegrid.graphs.agg:Frontend")
+    router = resolve_ref("servegrid.graphs.agg_router:Frontend")
+    again = resolve_ref("servegrid.graphs.agg:Frontend")
+    assert agg.edges == again.edges
+    assert agg.edges["Processor"] == ["Worker"]
+    assert "Router" not in agg.names()
+    assert router.edges["Processor"] == ["Router"]
+    assert router.edges["Router"] == ["Worker"]
 
 
 def test_link_to_a_service_that_is_not_a_dependency_is_an_error():
@@ -286,3 +303,39 @@ def test_graph_command_prints_the_tree(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Entry" in result.stdout and "Router" in result.stdout
     assert "workers=2" in result.stdout and "gpu=1" in result.stdout
+
+
+def _dry_run_config(*args: str) -> dict:
+    result = run_cli("serve", *args, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.split("Service Configuration:\n", 1)[1]
+    return json.loads(text.split("\n\nEnvironment Variable", 1)[0])
+
+
+def test_a_common_override_reaches_every_service_that_lists_the_key():
+    agg = str(REPO / "configs" / "agg.yaml")
+    config = _dry_run_config("-f", agg, "--Common.model=/models/other")
+    assert config["Worker"]["model"] == "/models/other"
+    assert config["Processor"]["model"] == "/models/other"
+    assert "model" not in config["Frontend"]  # it does not list model
+    # A service's own override still wins over Common.
+    config = _dry_run_config("-f", agg, "--Common.model=/c", "--Worker.model=/w")
+    assert (config["Worker"]["model"], config["Processor"]["model"]) == ("/w", "/c")
+
+
+def test_a_common_override_that_would_change_nothing_is_refused():
+    result = run_cli("serve", "-f", str(REPO / "configs" / "agg.yaml"), "--Common.nope=1")
+    assert result.returncode == 2
+    assert "--Common.nope" in result.stderr and "common-configs" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_common_override_beats_a_services_yaml_value():
+    graph = resolve(Entry)
+    yaml_cfg = {
+        "Common": {"model": "yaml-common"},
+        "Leaf": {"model": "leaf-yaml", "common-configs": ["model"]},
+    }
+    assert merge_config(graph, yaml_cfg, {})["Leaf"]["model"] == "leaf-yaml"
+    merged = merge_config(graph, yaml_cfg, parse_overrides(["--Common.model=cli"]))
+    assert merged["Leaf"]["model"] == "cli"

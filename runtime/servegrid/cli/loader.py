@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from servegrid.sdk.errors import ConfigError, GraphError
-from servegrid.sdk.graph import Graph, import_service, resolve
+from servegrid.sdk.graph import Graph, resolve_ref
 from servegrid.sdk.layered_config import (
     GRAPH_KEY,
     check_required,
@@ -23,6 +23,7 @@ class LoadedGraph:
     graph: Graph
     config: dict[str, Any]
     config_file: Path | None
+    yaml_config: dict[str, Any]
 
 
 def load_graph(
@@ -42,7 +43,7 @@ def load_graph(
         )
     if not isinstance(graph_ref, str):
         raise ConfigError(f"{config_file}: '{GRAPH_KEY}' must be a string like module:Class")
-    graph = resolve(import_service(graph_ref, working_dir))
+    graph = resolve_ref(graph_ref, working_dir)
     for name in service_names or []:
         if graph.get(name) is None:
             raise GraphError(
@@ -51,4 +52,4 @@ def load_graph(
             )
     merged = merge_config(graph, yaml_config, parse_overrides(extra_args))
     check_required(graph, merged, only=service_names)
-    return LoadedGraph(graph_ref, graph, merged, config_file)
+    return LoadedGraph(graph_ref, graph, merged, config_file, yaml_config)

@@ -54,6 +54,14 @@ def serve(
     working_dir: Annotated[
         Path | None, typer.Option("--working-dir", help="Directory to import the graph from")
     ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            help="Run the graph in this namespace (graphs naming the same one share workers; "
+            "default: a namespace of its own)",
+        ),
+    ] = None,
 ) -> None:
     """Start every service of a graph (override settings with --Service.key=value)."""
     from servegrid.cli.loader import load_graph
@@ -67,7 +75,7 @@ def serve(
         if dry_run:
             print_dry_run(loaded)
             return
-        run_serve(loaded, names, workdir)
+        run_serve(loaded, names, workdir, namespace)
     except UserError as exc:
         _fail(str(exc))
 
@@ -92,6 +100,10 @@ def graph(
 
 model_app = typer.Typer(help="Make and inspect local model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+
+from servegrid.cli.secret_cmd import secret_app  # noqa: E402
+
+app.add_typer(secret_app, name="secret")
 
 
 @model_app.command("init")

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servegrid.cli import gpus
+from servegrid.cli import namespace as graph_namespace
 from servegrid.cli.loader import LoadedGraph
 from servegrid.cli.supervisor import ProcessSpec, Supervisor
 from servegrid.distributed import env
+from servegrid.distributed.errors import SetupError
 from servegrid.sdk.errors import ConfigError, UserError
 from servegrid.sdk.layered_config import effective_service_args
+
+STOP_MARGIN_S = 5.0
 
 
 def config_env_value(config: dict) -> str:
@@ -38,6 +42,7 @@ class ProcessGroup:
     services: list[str]
     workers: int
     gpus: int  # devices each copy needs (the most any of its services asks for)
+    drain_timeout: float  # the longest any of its services may drain on a stop
 
 
 def process_groups(loaded: LoadedGraph, service_names: list[str] | None) -> list[ProcessGroup]:
@@ -54,11 +59,13 @@ def process_groups(loaded: LoadedGraph, service_names: list[str] | None) -> list
         args = effective_service_args(spec, loaded.config)
         name = str(args.get("process") or spec.name)
         gpus = int((args.get("resources") or {}).get("gpu") or 0)
+        drain = float(args["drain-timeout"])
         group = groups.get(name)
         if group is None:
-            groups[name] = ProcessGroup([spec.name], args["workers"], gpus)
+            groups[name] = ProcessGroup([spec.name], args["workers"], gpus, drain)
             continue
         group.services.append(spec.name)
+        group.drain_timeout = max(group.drain_timeout, drain)
         if group.workers != args["workers"]:
             raise ConfigError(
                 f"services {', '.join(group.services)} share process {name!r} but ask for "
@@ -74,7 +81,7 @@ def process_specs(
     base_env = {
         env.SERVEGRID_SERVICE_CONFIG: config_env_value(loaded.config),
         env.SERVEGRID_GRAPH: loaded.graph_ref,
-        "SERVEGRID_WORKING_DIR": str(working_dir),
+        env.SERVEGRID_WORKING_DIR: str(working_dir),
         "PYTHONUNBUFFERED": "1",
     }
     specs: list[ProcessSpec] = []
@@ -93,6 +100,8 @@ def process_specs(
                         env.SERVEGRID_WORKER_INDEX: str(index),
                     },
                     cwd=str(working_dir),
+                    # past its drain, a child gets a few seconds to exit before SIGKILL
+                    stop_timeout=group.drain_timeout + STOP_MARGIN_S,
                 )
             )
     if not gpus.user_chose_devices():
@@ -120,8 +129,11 @@ async def _start_private_nats(stack: contextlib.AsyncExitStack, supervisor: Supe
             f"private nats-server that only this host's services see. Set "
             f"{env.NATS_SERVER}=nats://HOST:4222 on every node to share one."
         )
+    from servegrid.distributed.secret import load_cluster_secret
+
     try:
-        nats = await stack.enter_async_context(EmbeddedNats())
+        # With a cluster secret the private server requires it too, as a deployed one does.
+        nats = await stack.enter_async_context(EmbeddedNats(password=load_cluster_secret()))
     except (NatsServerNotFoundError, NatsServerStartError) as error:
         raise UserError(
             f"{env.NATS_SERVER} is not set and the private nats-server could not start: {error}"
@@ -130,10 +142,12 @@ async def _start_private_nats(stack: contextlib.AsyncExitStack, supervisor: Supe
     return nats.url
 
 
-async def _serve(specs: list[ProcessSpec]) -> bool:
+async def _serve(specs: list[ProcessSpec], notes: list[str]) -> bool:
     """Run the processes until stopped; True if a child reported a configuration error."""
     async with contextlib.AsyncExitStack() as stack:
         supervisor = Supervisor(specs)
+        for note in notes:
+            supervisor.note(note)
         # Handlers first: a stop while the private server starts still removes it.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -149,7 +163,37 @@ async def _serve(specs: list[ProcessSpec]) -> bool:
         return supervisor.failed
 
 
-def run_serve(loaded: LoadedGraph, service_names: list[str] | None, working_dir: Path) -> None:
+def check_cluster_secret() -> None:
+    """Refuse, before starting anything, a cluster secret that is unsafe or missing where the
+    services would listen beyond loopback (each service checks again when it starts)."""
+    from servegrid.distributed.net import bind_host
+    from servegrid.distributed.secret import load_cluster_secret, require_secret_for_bind
+
+    try:
+        require_secret_for_bind(bind_host(), load_cluster_secret() is not None)
+    except SetupError as error:
+        raise UserError(str(error)) from None
+
+
+def resolve_namespace(loaded: LoadedGraph, namespace: str | None) -> str:
+    """Write the graph's namespace into ``loaded.config``; a line for the log."""
+    explicit = namespace or env.explicit_namespace()
+    chosen = graph_namespace.choose(loaded.graph_ref, loaded.yaml_config, explicit)
+    graph_namespace.apply(loaded.config, loaded.graph, chosen, explicit=explicit is not None)
+    used = sorted(
+        {loaded.config[s.name]["ServiceArgs"]["namespace"] for s in loaded.graph.services}
+    )
+    return f"namespace {', '.join(used)} ({chosen.how})"
+
+
+def run_serve(
+    loaded: LoadedGraph,
+    service_names: list[str] | None,
+    working_dir: Path,
+    namespace: str | None = None,
+) -> None:
+    check_cluster_secret()
+    note = resolve_namespace(loaded, namespace)
     specs = process_specs(loaded, service_names, working_dir)
-    if asyncio.run(_serve(specs)):
+    if asyncio.run(_serve(specs, [note])):
         raise SystemExit(2)

@@ -3,6 +3,11 @@
 Each child runs in its own session (so a terminal's Ctrl-C reaches only the supervisor, which
 then stops children in order) and gets SIGTERM from the kernel if the supervisor dies, so no
 child outlives it. Output lines are prefixed with the child's label.
+
+A stop sends SIGTERM to every child at once: each drains (finishes its in-flight requests)
+and exits; one still running ``stop_timeout`` seconds later is killed. A second stop (a second
+Ctrl-C) kills at once. A child that dies is restarted after a backoff (with jitter) that
+doubles up to ``BACKOFF_MAX`` and resets once a run has lasted ``HEALTHY_AFTER`` seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from servegrid.distributed.embedded_nats import die_with_parent
+from servegrid.distributed.retry import Backoff
 
 #: a child exiting with this status reported a configuration error: restarting cannot help
 EXIT_USER_ERROR = 2
@@ -31,6 +37,7 @@ class ProcessSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    stop_timeout: float | None = None  # seconds from SIGTERM to SIGKILL (None: the default)
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Supervisor:
         self._children = [_Child(s, COLORS[i % len(COLORS)]) for i, s in enumerate(specs)]
         self._grace = grace
         self._stopping = asyncio.Event()
+        self._kill_now = asyncio.Event()
         self.failed = False  # a child reported a configuration error
         self._use_color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
@@ -68,7 +76,7 @@ class Supervisor:
             self._emit(child, line.decode(errors="replace").rstrip("\n"))
 
     async def _run_child(self, child: _Child) -> None:
-        backoff = BACKOFF_START
+        backoff = Backoff(start=BACKOFF_START, maximum=BACKOFF_MAX)
         env = {**os.environ, **child.spec.env}
         while not self._stopping.is_set():
             started = time.monotonic()
@@ -96,14 +104,14 @@ class Supervisor:
                 self.stop()
                 return
             if time.monotonic() - started > HEALTHY_AFTER:
-                backoff = BACKOFF_START
+                backoff.reset()
             reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             child.restarts += 1
             who = f"{child.spec.label} (pid {child.proc.pid})"
-            self.note(f"{who} died with {reason}; restarting in {backoff:.1f}s")
+            delay = backoff.next_delay()
+            self.note(f"{who} died with {reason}; restarting in {delay:.1f}s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def run(self) -> None:
         """Run until ``stop()``; then terminate every child and wait for it."""
@@ -115,6 +123,9 @@ class Supervisor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def stop(self) -> None:
+        """Stop gracefully; called again while stopping, kill every child now."""
+        if self._stopping.is_set():
+            self._kill_now.set()
         self._stopping.set()
 
     def pids(self) -> list[int]:
@@ -122,17 +133,35 @@ class Supervisor:
 
     async def _terminate_all(self) -> None:
         live = [c for c in self._children if c.proc is not None and c.proc.returncode is None]
+        if not live:
+            return
         for child in live:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        waits = [c.proc.wait() for c in live]  # type: ignore[union-attr]
-        _done, pending = await asyncio.wait(
-            [asyncio.ensure_future(w) for w in waits], timeout=self._grace
+        longest = max(self._stop_timeout(c) for c in live)
+        self.note(f"stopping: {len(live)} process(es) drain for up to {longest:.0f}s")
+        await asyncio.gather(*(self._await_exit(c) for c in live))
+
+    def _stop_timeout(self, child: _Child) -> float:
+        timeout = child.spec.stop_timeout
+        return self._grace if timeout is None else timeout
+
+    async def _await_exit(self, child: _Child) -> None:
+        proc = child.proc
+        assert proc is not None
+        exited = asyncio.ensure_future(proc.wait())
+        kill = asyncio.ensure_future(self._kill_now.wait())
+        await asyncio.wait(
+            {exited, kill}, timeout=self._stop_timeout(child), return_when="FIRST_COMPLETED"
         )
-        if pending:
-            for child in live:
-                if child.proc.returncode is None:  # type: ignore[union-attr]
-                    self.note(f"{child.spec.label} did not stop in {self._grace:.0f}s; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(child.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
-            await asyncio.gather(*pending, return_exceptions=True)
+        kill.cancel()
+        if proc.returncode is None:
+            why = (
+                "a second stop"
+                if self._kill_now.is_set()
+                else (f"did not stop in {self._stop_timeout(child):.0f}s")
+            )
+            self.note(f"{child.spec.label}: {why}; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await exited

@@ -11,16 +11,27 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from servegrid.components.errors import as_client_error
+from pydantic import ValidationError
+
 from servegrid.components.processor import Processor
 from servegrid.distributed.discovery.base import InstanceInfo, instance_prefix
-from servegrid.http.errors import ModelNotFoundError, NoWorkersError
+from servegrid.distributed.retry import Backoff
+from servegrid.errors import ModelNotFoundError, NoWorkersError
+from servegrid.http.errors import http_error_for
+from servegrid.http.limits import DEFAULT_LIMITS as LIMITS
+from servegrid.http.limits import HttpLimits
 from servegrid.http.server import OpenAIHttpServer
 from servegrid.llm.protocol import GenerateChunk, TextRequest
-from servegrid.sdk import async_on_shutdown, async_on_start, depends, endpoint, service
+from servegrid.sdk import (
+    async_on_drain,
+    async_on_shutdown,
+    async_on_start,
+    depends,
+    endpoint,
+    service,
+)
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import UserError
-from servegrid.sdk.service import _address
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +51,11 @@ class ModelWatcher:
     async def _watch(self) -> None:
         discovery = servegrid_context.runtime.discovery
         prefix = instance_prefix(self.namespace)
+        backoff = Backoff(start=0.5, maximum=5.0)
         while True:
             try:
                 async for event in discovery.watch(prefix):
+                    backoff.reset()
                     if event.kind == "put" and event.instance is not None:
                         if event.instance.metadata.get("model"):
                             self._instances[event.key] = event.instance
@@ -53,7 +66,7 @@ class ModelWatcher:
                 raise
             except Exception as exc:  # keep what we knew; discovery may be back soon
                 log.warning("model watch failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                await backoff.sleep()
 
     @property
     def models(self) -> list[str]:
@@ -70,23 +83,59 @@ class ModelWatcher:
 class Frontend:
     processor = depends(Processor)
 
-    def __init__(self, port: int = 8000, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self,
+        port: int = 8000,
+        host: str = "0.0.0.0",
+        # The HTTP limits (servegrid/http/limits.py says what each bounds); defaults from there.
+        max_connections: int = LIMITS.max_connections,
+        keepalive_timeout_s: float = LIMITS.keepalive_timeout_s,
+        header_timeout_s: float = LIMITS.header_timeout_s,
+        body_timeout_s: float = LIMITS.body_timeout_s,
+        max_url_bytes: int = LIMITS.max_url_bytes,
+        max_header_bytes: int = LIMITS.max_header_bytes,
+        max_headers: int = LIMITS.max_headers,
+        max_body_bytes: int = LIMITS.max_body_bytes,
+    ) -> None:
         self.port = port
         self.host = host
+        try:
+            self.limits = HttpLimits(
+                max_connections=max_connections,
+                keepalive_timeout_s=keepalive_timeout_s,
+                header_timeout_s=header_timeout_s,
+                body_timeout_s=body_timeout_s,
+                max_url_bytes=max_url_bytes,
+                max_header_bytes=max_header_bytes,
+                max_headers=max_headers,
+                max_body_bytes=max_body_bytes,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise UserError(f"Frontend config: {problems}") from None
         self.http: OpenAIHttpServer | None = None
         self.watcher: ModelWatcher | None = None
 
     @async_on_start
     async def start_http(self) -> None:
-        namespace, _ = _address(type(self))
+        namespace, _ = type(self).address()
         self.watcher = ModelWatcher(namespace)
         self.watcher.start()
-        self.http = OpenAIHttpServer(self, self.host, self.port)
+        self.http = OpenAIHttpServer(self, self.host, self.port, limits=self.limits)
         try:
             await self.http.start()
         except OSError as exc:  # port taken, bad address: restarting will not help
             raise UserError(f"Frontend: {exc.strerror or exc}") from exc
         log.info("OpenAI API on http://%s:%d/v1", self.host, self.http.port)
+
+    @async_on_drain
+    async def drain_http(self, timeout: float) -> None:
+        """A stop began: accept no new connections; finish open responses (streams too)."""
+        if self.http is not None:
+            await self.http.stop(timeout)
 
     @async_on_shutdown
     async def stop_http(self) -> None:
@@ -103,10 +152,14 @@ class Frontend:
         models = self.models()
         if request.model not in models:
             if not models:
-                raise NoWorkersError("no worker is serving any model yet; try again shortly")
-            raise ModelNotFoundError(
-                f"model {request.model!r} is not served here (models: {', '.join(models)})"
-            )
+                error: Exception = NoWorkersError(
+                    "no worker is serving any model yet; try again shortly"
+                )
+            else:
+                error = ModelNotFoundError(
+                    f"model {request.model!r} is not served here (models: {', '.join(models)})"
+                )
+            raise http_error_for(error) from None
         stream = self.processor.generate(request)
         first = True
         try:
@@ -117,8 +170,9 @@ class Frontend:
                         self.http.metrics.record_route(chunk.worker_id, chunk.overlap_blocks)
                 yield chunk
         except Exception as exc:
-            mapped = as_client_error(exc)
-            if mapped is exc:
+            # This service is the HTTP edge: domain errors become HTTP errors here.
+            mapped = http_error_for(exc)
+            if mapped is None or mapped is exc:
                 raise
             raise mapped from exc
         finally:

@@ -13,34 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from servegrid.sdk.config import SERVICE_ARGS, ServiceConfig
-from servegrid.sdk.errors import UserError
+from servegrid.sdk.flags import parse_flags
 from servegrid.sdk.host import host_until_signal, run_main
-from servegrid.sdk.layered_config import _parse_value
 from servegrid.sdk.service import spec_of
 
 ALIASES = {"http-port": "port", "http-host": "host", "router-mode": "router"}
 SERVICE_ARG_FLAGS = ("namespace",)
 
 
-def parse_flags(argv: list[str]) -> dict[str, Any]:
-    settings: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            raise SystemExit(0)
-        if not arg.startswith("--") or len(arg) == 2:
-            raise UserError(f"unexpected argument {arg!r}: flags look like --key value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                i += 1
-                value = argv[i]
-            else:
-                value = "true"
-        settings[ALIASES.get(key, key)] = _parse_value(value)
-        i += 1
-    return settings
+def parse_settings(argv: list[str]) -> dict[str, Any]:
+    """Launch flags as config keys (``--http-port 8000`` → ``{"port": 8000}``)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        raise SystemExit(0)
+    return {ALIASES.get(key, key): value for key, value, _ in parse_flags(argv, "--key value")}
 
 
 def build_config(service_classes: list[type], settings: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +46,7 @@ def launch(service_classes: list[type], argv: list[str], usage: str) -> None:
         return
 
     async def main() -> None:
-        config = ServiceConfig.set_instance(build_config(service_classes, parse_flags(argv)))
+        config = ServiceConfig.set_instance(build_config(service_classes, parse_settings(argv)))
         await host_until_signal([spec_of(cls) for cls in service_classes], config)
 
     run_main(main)

@@ -33,7 +33,7 @@ from servegrid.llm.model_init import BUILTIN_MODEL
 from servegrid.sdk import ServiceConfig, async_on_shutdown, async_on_start, endpoint, service
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import ConfigError
-from servegrid.sdk.service import _address, spec_of
+from servegrid.sdk.service import address, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class PrefillWorker:
     @async_on_start
     async def start_pulling(self) -> None:
         await self.engine.start()
-        namespace, _ = _address(type(self))
+        namespace, _ = address(type(self))
         self._queue = await open_prefill_queue(
             servegrid_context.runtime, namespace, ack_wait=self.ack_wait
         )

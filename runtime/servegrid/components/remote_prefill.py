@@ -71,7 +71,12 @@ class RemotePrefill:
 
     async def start(self, runtime: Any, instance_id: int = 0) -> None:
         self.instance_id = instance_id
-        self.receiver = KvReceiver(self.engine, runtime.server.host, runtime.advertise_host)
+        self.receiver = KvReceiver(
+            self.engine,
+            runtime.server.host,
+            runtime.advertise_host,
+            secret=runtime.cluster_secret,
+        )
         await self.receiver.start()
         queue = await runtime.namespace(self.namespace).work_queue(PREFILL_QUEUE, ack_wait=None)
         await queue.start()

@@ -7,12 +7,14 @@ Modes (``Router.router-mode``, or ``Processor.router`` when the graph has no Rou
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Mapping
 from typing import Any
 
 from servegrid.components.worker import Worker
-from servegrid.http.errors import NoWorkersError
+from servegrid.distributed.errors import NoInstancesError
+from servegrid.errors import NoWorkersError
 from servegrid.kv_router.config import KvRouterConfig
 from servegrid.kv_router.router import KvRouter, start_kv_router
 from servegrid.llm.protocol import RouteRequest, RouteResponse
@@ -25,9 +27,24 @@ from servegrid.sdk import (
     service,
 )
 from servegrid.sdk.errors import ConfigError
-from servegrid.sdk.service import _address, spec_of
+from servegrid.sdk.service import address, spec_of
 
 ROUTER_MODES = ("random", "round-robin", "kv")
+
+# How long a request waits for a worker to appear before it is refused with 503. Covers the
+# moment after a worker (re)starts that this process's discovery watch has not yet seen, and
+# lets a migrating stream wait for a restarted worker instead of failing at once.
+WORKER_WAIT_S = 5.0
+
+
+async def live_worker_ids(workers: Any) -> list[int]:
+    """The live instances of a worker client; when there are none, wait briefly for one."""
+    ids = workers.instance_ids()
+    if ids:
+        return ids
+    with contextlib.suppress(NoInstancesError):
+        return await workers.wait_for_instances(1, WORKER_WAIT_S)
+    return []
 
 
 class WorkerPicker:
@@ -52,7 +69,7 @@ class WorkerPicker:
 
     async def start(self, worker_service: type) -> None:
         if self.kv_config is not None and self.kv is None:
-            namespace, component = _address(worker_service)
+            namespace, component = address(worker_service)
             self.kv = await start_kv_router(self.kv_config, namespace, component)
 
     async def stop(self) -> None:
@@ -107,7 +124,7 @@ class Router:
     async def route(self, request: RouteRequest) -> RouteResponse:
         if self._workers is None:
             self._workers = await self.worker.client("generate")
-        return self.picker.route(request, self._workers.instance_ids())
+        return self.picker.route(request, await live_worker_ids(self._workers))
 
     @endpoint()
     async def state(self, _: None = None) -> dict:

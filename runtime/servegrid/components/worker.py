@@ -25,7 +25,7 @@ from servegrid.sdk import (
 )
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import ConfigError
-from servegrid.sdk.service import _address, spec_of
+from servegrid.sdk.service import address, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Worker:
                 max_local_prefill_length, max_prefill_queue_size, remote_prefill_timeout
             )
             disagg.check(name)
-            self.remote = RemotePrefill(self.engine, disagg, _address(PrefillWorker))  # type: ignore[arg-type]
+            self.remote = RemotePrefill(self.engine, disagg, address(PrefillWorker))  # type: ignore[arg-type]
 
     def instance_metadata(self) -> dict:
         """Registered with every endpoint: the frontend lists served models from this."""
@@ -105,6 +105,8 @@ class Worker:
                 yield output
         finally:
             await stream.aclose()  # a cancelled caller frees the sequence at once
+            if self.kv_publisher is not None:
+                self.kv_publisher.note_finished(request.request_id)
 
     @endpoint()
     async def load(self, _: None = None) -> dict:

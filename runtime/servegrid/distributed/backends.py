@@ -22,8 +22,7 @@ def discovery_from_env() -> Discovery:
     if endpoints:
         from servegrid.distributed.discovery.etcd import EtcdDiscovery
 
-        ttl = float(os.environ.get(env.SERVEGRID_LEASE_TTL, "10"))
-        return EtcdDiscovery(parse_endpoints(endpoints), ttl=ttl)
+        return EtcdDiscovery(parse_endpoints(endpoints), ttl=env.lease_ttl())
     from servegrid.distributed.discovery.file import FileDiscovery
 
     return FileDiscovery(env.discovery_dir())

@@ -4,6 +4,9 @@ A client watches discovery for its endpoint and keeps the membership it last saw
 requests keep flowing while the discovery store is unreachable. An instance whose connection
 fails is skipped at once (and for ``DOWN_FOR`` seconds, or until it re-registers); a request
 that failed before receiving any response is retried on another instance.
+
+An instance that leaves discovery gets no new requests, but its connection stays open until
+the streams it carries have ended: a stopping instance deregisters first and then drains.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from servegrid.distributed.discovery.base import InstanceInfo, instance_prefix
-from servegrid.distributed.errors import InstanceUnavailableError, NoInstancesError
+from servegrid.distributed.errors import (
+    ConnectionLostError,
+    InstanceUnavailableError,
+    NoInstancesError,
+)
+from servegrid.distributed.retry import Backoff
 from servegrid.distributed.transport.client import ResponseStream
 
 if TYPE_CHECKING:
@@ -58,12 +66,14 @@ class EndpointClient:
     async def _watch(self) -> None:
         prefix = instance_prefix(self.namespace, self.component, self.endpoint)
         discovery = self._runtime.discovery
+        backoff = Backoff(start=0.5, maximum=5.0)
         while True:
             try:
                 initial = await discovery.list(prefix)
                 self._instances = {info.instance_id: info for info in initial}
                 self._refresh()
                 self._synced.set()
+                backoff.reset()
                 async for event in discovery.watch(prefix):
                     if event.kind == "put" and event.instance is not None:
                         info = event.instance
@@ -72,14 +82,15 @@ class EndpointClient:
                     else:
                         instance_id = int(event.key.rsplit("/", 1)[1], 16)
                         self._instances.pop(instance_id, None)
-                        self._runtime.pool.drop(instance_id)
+                        # Never drop: the instance may be draining the streams we sent it.
+                        self._runtime.pool.retire(instance_id)
                     self._refresh()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the last membership; try again shortly
                 log.warning("watch of %s failed (%s); keeping last known instances", prefix, exc)
                 self._synced.set()
-                await asyncio.sleep(1.0)
+                await backoff.sleep()
 
     def _refresh(self) -> None:
         self._ids = sorted(self._instances)
@@ -165,36 +176,69 @@ class EndpointClient:
             + (f" (last error: {last_error})" if last_error else "")
         )
 
-    async def call_with_retry(
-        self, payload: Any, response_type: Any = None, instance_id: int | None = None
-    ):
-        """Stream responses; if an instance dies before its first response, retry elsewhere.
+    def pick(self, exclude: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """A live instance by round robin, skipping ``exclude``; None when none is left."""
+        ids = [i for i in self.instance_ids() if i not in exclude]
+        if not ids:
+            return None
+        self._rr += 1
+        return ids[self._rr % len(ids)]
 
+    async def call_with_retry(
+        self,
+        payload: Any,
+        response_type: Any = None,
+        instance_id: int | None = None,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+    ):
+        """Stream responses; if an instance fails before its first response, retry elsewhere.
+
+        The rules: a request is sent again only while nothing of its answer has been
+        received (a started stream is never repeated: the caller would see responses
+        twice), at most ``max_attempts`` sends in all, each to an instance not tried yet;
+        an instance that fails is marked down, so other requests skip it too.
         ``instance_id`` is the preferred instance (a router's choice); if it is gone or
-        refuses the connection, any other live instance serves the request instead.
+        refuses the connection, another live instance serves the request instead.
+
+        A stream that breaks after its first response raises ``ConnectionLostError`` (with
+        the instance id); continuing it is the caller's job (the Processor migrates it).
         """
-        preferred = instance_id
-        attempts = 0
-        while True:
-            attempts += 1
-            if preferred is not None:
-                target, preferred = preferred, None
-                try:
-                    stream = await self.direct(payload, target, response_type)
-                except (InstanceUnavailableError, NoInstancesError):
-                    continue
+        tried: set[int] = set()
+        last_error: Exception | None = None
+        for _ in range(max_attempts):
+            if instance_id is not None and instance_id not in tried:
+                target: int | None = instance_id
             else:
-                stream = await self._pick_and_call(payload, response_type, round_robin=True)
+                if not self._synced.is_set():
+                    await self.start()
+                target = self.pick(tried)
+            if target is None:
+                break
+            tried.add(target)
+            try:
+                stream = await self.direct(payload, target, response_type)
+            except (InstanceUnavailableError, NoInstancesError) as exc:
+                last_error = exc  # direct() marked it down
+                continue
             try:
                 async for item in stream:
                     yield item
                 return
-            except InstanceUnavailableError:
-                self.mark_down(stream._conn.instance_id)
-                if stream.received_any or attempts >= MAX_ATTEMPTS:
-                    raise
+            except InstanceUnavailableError as exc:  # nothing received: safe to send again
+                self.mark_down(target)
+                last_error = exc
+            except ConnectionLostError as exc:
+                self.mark_down(target)
+                exc.instance_id = target
+                raise
             finally:
                 await stream.aclose()
+        raise NoInstancesError(
+            f"no live instance of {self.namespace}.{self.component}.{self.endpoint} "
+            f"after {len(tried)} attempt(s)"
+            + (f" (last error: {last_error})" if last_error else "")
+        )
 
     async def close(self) -> None:
         if self._watch_task is not None:

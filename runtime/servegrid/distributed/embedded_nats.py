@@ -5,6 +5,10 @@ next to the Python interpreter), or one on ``PATH``, on a loopback port with Jet
 a temporary directory. It dies with its parent even when the parent is SIGKILLed (Linux:
 ``PR_SET_PDEATHSIG``), and ``stop`` ends it by PID and removes the directory.
 
+Given the cluster secret (``password``) it requires user ``servegrid`` with that password, as a
+deployed server does. The password goes in a 0600 config file in its private directory, never
+on its command line, which every local user can read.
+
     async with EmbeddedNats() as server:
         os.environ["NATS_SERVER"] = server.url
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -24,6 +29,9 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from servegrid.distributed.private_dir import write_private_file
+from servegrid.distributed.secret import NATS_USER
 
 BINARY = "nats-server"
 LOOPBACK = "127.0.0.1"
@@ -110,7 +118,9 @@ class EmbeddedNats:
         store_dir: Path | None = None,
         binary: Path | None = None,
         start_timeout: float = START_TIMEOUT,
+        password: str | None = None,
     ) -> None:
+        self._password = password
         self._requested_port = port
         self._store_dir = store_dir
         self._binary = binary
@@ -162,6 +172,18 @@ class EmbeddedNats:
             "-sd", str(store),
             "-l", str(log_path),
         ]  # fmt: skip
+        if self._password is not None:
+            config = store / "auth.conf"
+            # json.dumps quotes and escapes like a NATS config string; the secret has no
+            # quotes or backslashes anyway (secret.ALLOWED_CHARACTERS).
+            auth = {"user": NATS_USER, "password": self._password}
+            body = (
+                "authorization {\n"
+                + "".join(f"  {key}: {json.dumps(value)}\n" for key, value in auth.items())
+                + "}\n"
+            )
+            write_private_file(config, body.encode())
+            args += ["-c", str(config)]
         # Popen, not asyncio's subprocess: fork from this (the loop's) thread, which lives as
         # long as the process, so PR_SET_PDEATHSIG fires only when the process dies.
         self.process = subprocess.Popen(  # noqa: ASYNC220

@@ -18,12 +18,13 @@ SERVEGRID_BIND_HOST = "SERVEGRID_BIND_HOST"
 SERVEGRID_LEASE_TTL = "SERVEGRID_LEASE_TTL"
 # Directory of the file discovery backend.
 SERVEGRID_DISCOVERY_DIR = "SERVEGRID_DISCOVERY_DIR"
-
-# The graph's namespace, set explicitly (owner: h-life); unset, embedded mode isolates each
-# `servegrid serve` and cluster mode derives it from the config.
+# The graph's namespace, set on purpose (``servegrid serve --namespace`` too); graphs naming
+# the same one share workers. Unset, each embedded-mode ``servegrid serve`` gets one of its
+# own, and in cluster mode it is derived from the config (see cli/namespace.py).
 SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
-# The cluster secret (owner: h-plane): a file holding it (owned by the user, mode 0600 or
-# stricter), or the value itself.
+# The cluster secret (distributed/secret.py): the path of a file that holds it (owned by the
+# user, mode 0600 or stricter), or the value itself. Set one of them, not both. Required when a
+# request-plane listener binds a non-loopback address; NATS then authenticates with it too.
 SERVEGRID_CLUSTER_SECRET_FILE = "SERVEGRID_CLUSTER_SECRET_FILE"
 SERVEGRID_CLUSTER_SECRET = "SERVEGRID_CLUSTER_SECRET"
 
@@ -32,6 +33,11 @@ SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"
 SERVEGRID_GRAPH = "SERVEGRID_GRAPH"
 SERVEGRID_SERVICES = "SERVEGRID_SERVICES"
 SERVEGRID_WORKER_INDEX = "SERVEGRID_WORKER_INDEX"
+SERVEGRID_WORKING_DIR = "SERVEGRID_WORKING_DIR"
+# Where the built-in model is built (default ``~/.cache/servegrid``).
+SERVEGRID_HOME = "SERVEGRID_HOME"
+# Log level of service processes (DEBUG, INFO, WARNING...).
+SERVEGRID_LOG_LEVEL = "SERVEGRID_LOG_LEVEL"
 
 DEFAULT_LEASE_TTL = 10.0
 
@@ -63,8 +69,17 @@ def lease_ttl() -> float:
     return ttl
 
 
+def explicit_namespace() -> str | None:
+    """``SERVEGRID_NAMESPACE`` if set (and not blank)."""
+    return os.environ.get(SERVEGRID_NAMESPACE, "").strip() or None
+
+
 def discovery_dir() -> Path:
-    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default."""
+    """The file discovery backend's directory: ``SERVEGRID_DISCOVERY_DIR`` or a per-user default.
+
+    Whichever it is, ``FileDiscovery`` creates it 0700 and refuses one that another user owns
+    or could write to (``distributed/private_dir.py``).
+    """
     value = os.environ.get(SERVEGRID_DISCOVERY_DIR)
     if value:
         return Path(value)

@@ -22,6 +22,8 @@ class InstanceUnavailableError(RuntimeErrorBase):
 class ConnectionLostError(RuntimeErrorBase):
     """The connection to an instance broke after the stream had produced responses."""
 
+    instance_id: int | None = None  # set by EndpointClient.call_with_retry
+
 
 class RemoteError(RuntimeErrorBase):
     """The remote handler raised; ``code`` names the kind, ``message`` says what happened."""
@@ -35,3 +37,25 @@ class RemoteError(RuntimeErrorBase):
 class EndpointNotFoundError(RemoteError):
     def __init__(self, message: str) -> None:
         super().__init__("endpoint_not_found", message)
+
+
+class SetupError(RuntimeErrorBase):
+    """Something the operator must fix before the runtime can start: a missing or unsafe
+    cluster secret, a discovery directory others could write to. The message says what was
+    wrong, where, and what to do; entry points print it as one line, without a traceback."""
+
+
+class ClusterSecretError(SetupError):
+    """The cluster secret is missing where it is required, or unreadable, or unsafe."""
+
+
+class UnsafePathError(SetupError):
+    """A file or directory the runtime trusts is owned by another user or writable by others."""
+
+
+class AuthenticationError(InstanceUnavailableError):
+    """The request-plane handshake failed: the two processes do not share the cluster secret.
+
+    An ``InstanceUnavailableError``: a caller skips that instance and tries another, and the
+    message (what to set) reaches the user if none is left.
+    """

@@ -9,6 +9,11 @@ queued work survives the restart.
 The work queue is a stream with work-queue retention and one durable pull consumer that every
 consumer process shares: each item goes to exactly one of them, is removed when acked after
 the work is done, and is redelivered after ``ack_wait`` when its consumer died first.
+
+Credentials: a ``NATS_SERVER`` URL that carries its own (``nats://user:pass@host:4222``) is used
+as it is; otherwise, when the cluster secret is set (``secret.py``), the client authenticates as
+user ``servegrid`` with the secret as its password: how the deploy role, and the private
+nats-server of ``servegrid serve``, configure the server.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -31,6 +37,7 @@ from nats.js.client import JetStreamContext
 
 from servegrid.distributed import env
 from servegrid.distributed.events import EventPlane, Subscription, WorkItem, WorkQueue
+from servegrid.distributed.secret import HOW_TO_SET, NATS_USER, load_cluster_secret
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,8 @@ async def connect_nats(
     if not raw:
         raise NatsUnavailableError(f"no NATS server given; set {env.NATS_SERVER}=nats://HOST:4222")
     server = normalize_url(raw)
+    credentials = nats_credentials(server)
+    shown = redact(server)
     connection: NatsConnection | None = None
 
     async def on_disconnected() -> None:
@@ -127,20 +136,25 @@ async def connect_nats(
             connection._connected.clear()
             if connection.closing:
                 return
-        log.warning("NATS connection to %s lost; reconnecting", server)
+        log.warning("NATS connection to %s lost; reconnecting", shown)
 
     async def on_reconnected() -> None:
         if connection is not None:
             await connection._on_reconnected()
-        log.warning("NATS connection to %s restored", server)
+        log.warning("NATS connection to %s restored", shown)
+
+    # The client retries a refused login until the timeout; the first refusal ends the wait.
+    refused = asyncio.get_running_loop().create_future()
 
     async def on_error(error: Exception) -> None:
         # The client reports every failed reconnect attempt; one line each, no traceback.
-        log.debug("NATS %s: %s", server, error)
+        log.debug("NATS %s: %s", shown, error)
+        if connection is None and "authorization" in str(error).lower() and not refused.done():
+            refused.set_result(None)
 
     client = NatsClient()
-    try:
-        await asyncio.wait_for(
+    connecting = asyncio.ensure_future(
+        asyncio.wait_for(
             client.connect(
                 servers=[server],
                 name=name,
@@ -151,18 +165,74 @@ async def connect_nats(
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
                 error_cb=on_error,
+                **credentials,
             ),
             connect_timeout,
         )
+    )
+    try:
+        await asyncio.wait([connecting, refused], return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+            await client.close()
+            raise NatsUnavailableError(_refused_message(server, credentials))
+        connecting.result()
+    except (nats.errors.AuthorizationError, NatsUnavailableError):
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise NatsUnavailableError(_refused_message(server, credentials)) from None
     except (TimeoutError, OSError, nats.errors.Error) as error:
         with contextlib.suppress(Exception):
             await client.close()
         raise NatsUnavailableError(
-            f"cannot reach NATS at {server} within {connect_timeout:g}s ({type(error).__name__}); "
+            f"cannot reach NATS at {shown} within {connect_timeout:g}s ({type(error).__name__}); "
             f"check that nats-server runs there and that {env.NATS_SERVER} is right"
         ) from error
     connection = NatsConnection(client, server)
     return connection
+
+
+def nats_credentials(url: str) -> dict[str, str]:
+    """``user``/``password`` for the client: none when the URL has its own or no cluster
+    secret is set, else user ``servegrid`` with the secret."""
+    if urlsplit(url).username is not None:
+        return {}
+    secret = load_cluster_secret()
+    if secret is None:
+        return {}
+    return {"user": NATS_USER, "password": secret}
+
+
+def redact(url: str) -> str:
+    """The URL without user and password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _refused_message(server: str, credentials: dict[str, str]) -> str:
+    shown = redact(server)
+    if urlsplit(server).username is not None:
+        return f"NATS at {shown} refused the credentials in {env.NATS_SERVER}; check them"
+    if credentials:
+        return (
+            f"NATS at {shown} refused user {NATS_USER!r} with this process's cluster secret: the "
+            f"server was configured with another secret. Give every node the same "
+            f"{env.SERVEGRID_CLUSTER_SECRET_FILE} (or {env.SERVEGRID_CLUSTER_SECRET}), or put "
+            f"credentials in {env.NATS_SERVER}=nats://USER:PASSWORD@HOST:PORT"
+        )
+    return (
+        f"NATS at {shown} requires credentials and this process has none; {HOW_TO_SET} (the "
+        f"client then logs in as {NATS_USER!r} with it), or put credentials in "
+        f"{env.NATS_SERVER}=nats://USER:PASSWORD@HOST:PORT"
+    )
 
 
 class NatsSubscription(Subscription):

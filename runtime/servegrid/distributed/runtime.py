@@ -23,6 +23,7 @@ from servegrid.distributed.backends import discovery_from_env, nats_url_from_env
 from servegrid.distributed.client import EndpointClient
 from servegrid.distributed.discovery.base import Discovery, InstanceInfo, now
 from servegrid.distributed.events import EventPlane, Subscription, WorkQueue, subject_for
+from servegrid.distributed.secret import load_cluster_secret, require_secret_for_bind
 from servegrid.distributed.transport.client import ConnectionPool
 from servegrid.distributed.transport.server import Handler, RequestPlaneServer
 
@@ -49,11 +50,14 @@ class DistributedRuntime:
         advertise_host: str = "127.0.0.1",
         bind_host: str = "127.0.0.1",
         nats_url: str | None = None,
+        cluster_secret: str | None = None,
     ) -> None:
         self.discovery = discovery
         self.advertise_host = advertise_host
-        self.server = RequestPlaneServer(bind_host, 0)
-        self.pool = ConnectionPool()
+        # Other listeners of this process (the KV transfer path) authenticate with it too.
+        self.cluster_secret = cluster_secret
+        self.server = RequestPlaneServer(bind_host, 0, secret=cluster_secret)
+        self.pool = ConnectionPool(secret=cluster_secret)
         self.nats_url = nats_url
         self._registered: list[InstanceInfo] = []
         self._clients: dict[tuple[str, str, str], EndpointClient] = {}
@@ -64,11 +68,16 @@ class DistributedRuntime:
     @classmethod
     async def from_env(cls) -> DistributedRuntime:
         advertise, bind = _advertise_and_bind()
+        secret = load_cluster_secret()
+        # Fail at start, not at the first endpoint: the same check ``RequestPlaneServer.start``
+        # makes, before discovery or NATS are touched.
+        require_secret_for_bind(bind, secret is not None)
         runtime = cls(
             discovery_from_env(),
             advertise_host=advertise,
             bind_host=bind,
             nats_url=nats_url_from_env(),
+            cluster_secret=secret,
         )
         await runtime.discovery.start()
         return runtime

@@ -13,26 +13,24 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
+from servegrid.errors import ContextLengthExceededError, InvalidRequestError
 
-class SamplingParams(msgspec.Struct, omit_defaults=True):
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
+# The request and output types are wire types shared with the Processor; they live below
+# both (llm/protocol.py) and are re-exported here as the engine interface's types.
+from servegrid.llm.protocol import EngineOutput, EngineRequest, SamplingParams
 
-
-class EngineRequest(msgspec.Struct, omit_defaults=True):
-    request_id: str
-    token_ids: list[int]
-    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
-
-
-class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
+__all__ = [
+    "Engine",
+    "EngineConfigError",
+    "EngineOutput",
+    "EngineRequest",
+    "EngineRequestError",
+    "KvEvent",
+    "KvEventSink",
+    "LoadMetrics",
+    "PromptTooLongError",
+    "SamplingParams",
+]
 
 
 STORED, REMOVED, CLEARED = "stored", "removed", "cleared"
@@ -99,11 +97,11 @@ class Engine(abc.ABC):
     async def stop(self) -> None: ...
 
 
-class EngineRequestError(ValueError):
-    """A request this engine can never serve, whatever its load: a client error (HTTP 400)."""
+class EngineRequestError(InvalidRequestError):
+    """A request this engine can never serve, whatever its load: a client error."""
 
 
-class PromptTooLongError(EngineRequestError):
+class PromptTooLongError(EngineRequestError, ContextLengthExceededError):
     """The prompt does not fit the engine's ``max-model-len`` (or its whole KV cache)."""
 
 

@@ -1,5 +1,13 @@
 """One HTTP/1.1 connection: parse requests with httptools, answer them in order, stream bodies.
 
+What a client may send is bounded (``HttpLimits``): the request target (414), the request
+line and headers together (431; counted from httptools' callbacks and from the bytes it still
+holds), the body (413), and the time to send a request's headers and body (408, enforced by
+the server's sweep through ``check_timeouts``). Whatever httptools refuses (Content-Length
+with Transfer-Encoding, duplicate or bad Content-Length, bad chunk sizes, bad header syntax)
+is a 400; every refusal closes the connection after the requests parsed before it are
+answered, so nothing after a malformed request is ever interpreted as a request of its own.
+
 Requests on one connection are answered strictly in arrival order (pipelining-safe): parsed
 requests wait in a queue while the one ahead is served, and reading pauses when the queue grows.
 Responses are written with one ``transport.write`` each; streamed chunks written in the same
@@ -22,11 +30,16 @@ import httptools
 
 from servegrid.http.errors import (
     INTERNAL_ERROR_MESSAGE,
+    HeadersTooLargeError,
     InvalidRequestError,
     OpenAIHttpError,
+    RequestTimeoutError,
     RequestTooLargeError,
+    TooManyConnectionsError,
+    UrlTooLongError,
     error_body,
 )
+from servegrid.http.limits import HttpLimits
 
 if TYPE_CHECKING:
     from servegrid.http.server import OpenAIHttpServer
@@ -37,6 +50,8 @@ log = logging.getLogger(__name__)
 MAX_PIPELINED = 16
 # Streamed bytes held for one coalesced write before writing anyway.
 COALESCE_LIMIT = 64 * 1024
+# After refusing a request, how long to keep reading (and discarding) before closing.
+LINGER_S = 2.0
 
 _REASONS = {
     100: "Continue",
@@ -46,6 +61,8 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -53,6 +70,13 @@ _STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in 
 
 JSON = b"application/json"
 SSE = b"text/event-stream"
+
+# Where the parser is in the request being received.
+IDLE, HEAD, BODY = 0, 1, 2
+
+
+class _LimitExceeded(Exception):
+    """Raised in a parser callback to stop parsing; the answer is in ``_parse_error``."""
 
 
 class _DateCache:
@@ -111,19 +135,28 @@ Handler = Callable[[Request, "HttpConnection"], Awaitable[None] | None]
 
 
 class HttpConnection(asyncio.Protocol):
-    def __init__(self, server: OpenAIHttpServer, handler: Handler, max_body: int) -> None:
+    def __init__(self, server: OpenAIHttpServer, handler: Handler, limits: HttpLimits) -> None:
         self._server = server
         self._handler = handler
-        self._max_body = max_body
+        self._limits = limits
+        self._max_body = limits.max_body_bytes
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         # Per-message parse state.
+        self._phase = IDLE
+        self._phase_since = time.monotonic()
+        self._messages = 0  # messages begun on this connection
         self._url: list[bytes] = []
+        self._url_size = 0
+        self._head_size = 0  # request target + header fields seen by callbacks
+        self._unparsed_head = 0  # bytes of this head fed while httptools still holds them
+        self._header_count = 0
+        self._host_count = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._expect_continue = False
-        self._too_large = False
+        self._parse_error: OpenAIHttpError | None = None
         # Serving state.
         self._queue: deque[Request] = deque()
         self._current: Request | None = None
@@ -132,6 +165,7 @@ class HttpConnection(asyncio.Protocol):
         self._stop_reading = False  # after a malformed request: answer what we have, then close
         self._stopping = False  # server shutdown: close once the current response is done
         self._closing = False  # we decided to close; nothing more is served
+        self._linger = False  # on close: we refused input that may still be arriving
         # Writing state.
         self._out: list[bytes] = []
         self._out_size = 0  # bytes of streamed pieces waiting in _out
@@ -151,25 +185,31 @@ class HttpConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # not TCP (e.g. a Unix socket in tests)
                 pass
-        self._server._connection_opened(self)
+        if not self._server._connection_opened(self):
+            self._refuse()
 
     def data_received(self, data: bytes) -> None:
         if self._stop_reading:
             return
+        message = self._messages if self._phase == HEAD else -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(None)  # we speak only HTTP/1.1; serve what was parsed, then close
         except httptools.HttpParserError as exc:
-            if self._too_large:
-                self._reject(
-                    RequestTooLargeError(
-                        f"Request body exceeds the limit of {self._max_body} bytes; "
-                        "send a smaller request."
-                    )
-                )
-            else:
-                self._reject(InvalidRequestError(f"Malformed HTTP request: {exc}."))
+            error = self._parse_error
+            if error is None:
+                error = InvalidRequestError(f"Malformed HTTP request: {exc}.")
+            self._reject(error)
+        else:
+            if self._phase == HEAD:
+                # httptools holds a header field until it ends; a head that keeps arriving
+                # without ending is counted here (all of ``data`` belongs to it when the same
+                # message was already in its head before this read).
+                if self._messages == message:
+                    self._unparsed_head += len(data)
+                if max(self._head_size, self._unparsed_head) > self._limits.max_header_bytes:
+                    self._reject(self._headers_too_large())
         self._pump()
 
     def eof_received(self) -> bool | None:
@@ -195,15 +235,39 @@ class HttpConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._messages += 1
+        self._phase = HEAD
+        self._phase_since = time.monotonic()
         self._url = []
+        self._url_size = self._head_size = self._unparsed_head = 0
+        self._header_count = self._host_count = 0
         self._body = []
         self._body_size = 0
         self._expect_continue = False
 
+    def _stop(self, error: OpenAIHttpError) -> None:
+        self._parse_error = error
+        raise _LimitExceeded  # httptools surfaces it as HttpParserCallbackError
+
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
+        self._url_size += len(url)
+        self._head_size += len(url)
+        if self._url_size > self._limits.max_url_bytes:
+            self._stop(
+                UrlTooLongError(
+                    f"The request target exceeds {self._limits.max_url_bytes} bytes; "
+                    "the API takes its parameters in the JSON body."
+                )
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._head_size += len(name) + len(value) + 4
+        self._unparsed_head = 0  # httptools handed over what it held
+        limits = self._limits
+        if self._header_count > limits.max_headers or self._head_size > limits.max_header_bytes:
+            self._stop(self._headers_too_large())
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
             try:
@@ -211,24 +275,45 @@ class HttpConnection(asyncio.Protocol):
             except ValueError:
                 return  # httptools rejects the message itself
             if too_large:
-                self._too_large = True
+                self._stop(self._body_too_large())
+        elif n == 4 and name.lower() == b"host":
+            self._host_count += 1
         elif n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
 
     def on_headers_complete(self) -> None:
-        if self._too_large:
-            raise RequestTooLargeError("body too large")  # surfaces as HttpParserCallbackError
+        self._phase = BODY
+        self._phase_since = time.monotonic()
+        if self._host_count != 1 and self._parser.get_http_version() == "1.1":
+            self._stop(
+                InvalidRequestError(
+                    f"An HTTP/1.1 request needs exactly one Host header; this one has "
+                    f"{self._host_count}."
+                )
+            )
         if self._expect_continue and self._current is None and not self._queue:
             self._transport.write(_STATUS_LINES[100] + b"\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self._max_body:
-            self._too_large = True
-            raise RequestTooLargeError("body too large")
+            self._stop(self._body_too_large())
         self._body.append(body)
 
+    def _body_too_large(self) -> OpenAIHttpError:
+        return RequestTooLargeError(
+            f"Request body exceeds the limit of {self._max_body} bytes; send a smaller request."
+        )
+
+    def _headers_too_large(self) -> OpenAIHttpError:
+        limits = self._limits
+        return HeadersTooLargeError(
+            f"The request line and headers exceed {limits.max_header_bytes} bytes or "
+            f"{limits.max_headers} fields; send fewer or shorter headers."
+        )
+
     def on_message_complete(self) -> None:
+        self._phase = IDLE
         parser = self._parser
         url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         q = url.find(b"?")
@@ -247,10 +332,49 @@ class HttpConnection(asyncio.Protocol):
             self._reading_paused = True
             self._transport.pause_reading()
 
+    # -- limits ------------------------------------------------------------------------------
+    def _refuse(self) -> None:
+        """Over the server's connection cap: answer 503 at once and close (no linger: the point
+        is to give the descriptor back now)."""
+        self._reject(
+            TooManyConnectionsError(
+                f"The server has reached its limit of {self._server.max_connections} "
+                "connections; retry shortly."
+            )
+        )
+        self._pump()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the server's sweep: close idle connections, time out slow requests."""
+        if self._closing or self._reading_paused:
+            return  # paused reading is our backpressure, not the client's slowness
+        if self.busy:
+            return
+        limits = self._limits
+        if self._phase == IDLE:
+            if now - self.idle_since > limits.keepalive_timeout_s:
+                self.shutdown()
+            return
+        # A request still arriving; counted from when it started or we became free.
+        since = max(self._phase_since, self.idle_since)
+        if self._phase == HEAD:
+            limit, part = limits.header_timeout_s, "headers"
+        else:
+            limit, part = limits.body_timeout_s, "body"
+        if now - since > limit:
+            self._reject(
+                RequestTimeoutError(
+                    f"The request's {part} did not arrive within {limit:g} s; "
+                    "send the whole request at once."
+                )
+            )
+            self._pump()
+
     # -- serving -----------------------------------------------------------------------------
     def _reject(self, error: OpenAIHttpError | None) -> None:
         """Stop parsing; after the queued requests, answer ``error`` (if any) and close."""
         self._stop_reading = True
+        self._linger = error is not None and not isinstance(error, TooManyConnectionsError)
         if error is not None:
             self._queue.append(Request(b"", b"", b"", False, True, time.perf_counter(), error))
         else:
@@ -286,10 +410,8 @@ class HttpConnection(asyncio.Protocol):
         if self._reading_paused and len(self._queue) <= MAX_PIPELINED // 2 and not self._closing:
             self._reading_paused = False
             self._transport.resume_reading()
-        if self._current is None and not self._queue and not self._closing:
-            self.idle_since = time.monotonic()
-            if self._stopping:
-                self._close()
+        if self._current is None and not self._queue and not self._closing and self._stopping:
+            self._close()
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._task = None
@@ -306,6 +428,7 @@ class HttpConnection(asyncio.Protocol):
     def _finish(self) -> None:
         request = self._current
         self._current = None
+        self.idle_since = time.monotonic()  # the keep-alive and request timeouts count from here
         self._flush()
         if request is not None and (not request.keep_alive or self._stopping):
             self._close()
@@ -314,8 +437,17 @@ class HttpConnection(asyncio.Protocol):
         self._closing = True
         self._queue.clear()
         self._flush()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._linger and transport.can_write_eof():
+            # We refused input the client may still be sending: closing now would answer that
+            # with a reset, which can destroy our error response in the client's buffers.
+            # Send FIN, discard what still arrives, close when the client does or after a while.
+            transport.write_eof()
+            self._loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
 
     def shutdown(self) -> None:
         """Server stopping: close now if idle, else right after the response being written."""

@@ -1,12 +1,17 @@
 """Errors the OpenAI HTTP layer turns into responses, and the OpenAI-style error body.
 
-The Frontend's backend raises these; the server maps each class to one HTTP status. Any other
-exception becomes a 500 whose message reveals nothing internal (the traceback goes to the log).
+Each class has one HTTP status. The serving path raises domain errors (``servegrid.errors``),
+which know nothing of HTTP; ``http_error_for`` is the one place that maps them to these. Any
+other exception becomes a 500 whose message reveals nothing internal (the traceback goes to
+the log).
 """
 
 from __future__ import annotations
 
 import msgspec
+
+from servegrid import errors as domain
+from servegrid.distributed.errors import NoInstancesError
 
 _encode = msgspec.json.Encoder().encode
 
@@ -59,6 +64,30 @@ class RequestTooLargeError(OpenAIHttpError):
     code = "request_too_large"
 
 
+class RequestTimeoutError(OpenAIHttpError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class UrlTooLongError(OpenAIHttpError):
+    status = 414
+    error_type = "invalid_request_error"
+    code = "url_too_long"
+
+
+class HeadersTooLargeError(OpenAIHttpError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class TooManyConnectionsError(OpenAIHttpError):
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "too_many_connections"
+
+
 class RouteNotFoundError(OpenAIHttpError):
     status = 404
     error_type = "not_found_error"
@@ -84,3 +113,35 @@ def error_body(
     return _encode(
         {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     )
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class WorkerLostError(NoWorkersError):
+    code = "worker_lost"
+
+
+# Most specific first: the first class that matches decides.
+_HTTP_FOR_DOMAIN: list[tuple[type[domain.ServegridError], type[OpenAIHttpError]]] = [
+    (domain.ContextLengthExceededError, ContextLengthExceededError),
+    (domain.InvalidRequestError, InvalidRequestError),
+    (domain.ModelNotFoundError, ModelNotFoundError),
+    (domain.WorkerLostError, WorkerLostError),
+    (domain.NoWorkersError, NoWorkersError),
+]
+
+
+def http_error_for(exc: BaseException) -> OpenAIHttpError | None:
+    """The HTTP error to answer for ``exc``, or None if it is not a client-visible error."""
+    if isinstance(exc, OpenAIHttpError):
+        return exc
+    if isinstance(exc, domain.ServegridError):
+        for domain_cls, http_cls in _HTTP_FOR_DOMAIN:
+            if isinstance(exc, domain_cls):
+                return http_cls(exc.message, exc.param)
+        return None
+    if isinstance(exc, NoInstancesError):
+        return NoWorkersError(f"no worker is available right now ({exc})")
+    return None

@@ -114,6 +114,9 @@ class FrontendMetrics:
             ("endpoint", "status"),
         )
         self.inflight = Gauge("inflight_requests", "Generation requests being served now.")
+        self.refused_connections = Counter(
+            "refused_connections_total", "Connections answered 503 at the max-connections cap."
+        )
         self.output_tokens = Counter("output_tokens_total", "Completion tokens sent to clients.")
         self.input_tokens = Counter("input_tokens_total", "Prompt tokens of served requests.")
         self.ttft = Histogram(
@@ -151,6 +154,7 @@ class FrontendMetrics:
         out: list[str] = []
         for metric in (
             self.requests,
+            self.refused_connections,
             self.inflight,
             self.input_tokens,
             self.output_tokens,

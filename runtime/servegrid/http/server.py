@@ -3,10 +3,14 @@
 Raw asyncio + httptools rather than an ASGI stack: the frontend shares a small machine with the
 rest of the serving graph, and every microsecond of CPU per request counts. Usage::
 
-    server = OpenAIHttpServer(backend, "0.0.0.0", 8000)
+    server = OpenAIHttpServer(backend, "0.0.0.0", 8000, limits=HttpLimits(max_connections=512))
     await server.start()
     ...
     await server.stop()  # stop accepting, let in-flight requests finish (bounded), close
+
+The limits (``servegrid.http.limits``) are enforced by the connections as they parse, and by
+one sweep over all connections a fraction of the shortest timeout apart (cheaper than a timer
+per request).
 """
 
 from __future__ import annotations
@@ -14,17 +18,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
 
 from servegrid.http.connection import HttpConnection
+from servegrid.http.limits import DEFAULT_LIMITS, HttpLimits
 from servegrid.http.metrics import FrontendMetrics
 from servegrid.http.openai_app import OpenAIApp, OpenAIBackend
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# File descriptors kept for everything but client connections (request plane, NATS, files).
+FD_RESERVE = 256
+
+
+def fit_connection_cap(wanted: int) -> int:
+    """The connection cap this process can honour: raise the open-file limit for ``wanted``
+    client connections if the hard limit allows, else lower the cap below it (and say so).
+    A cap above the limit would let accept() fail first, and then /health fails too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft >= need:
+        return wanted
+    cap = soft - FD_RESERVE if soft > 2 * FD_RESERVE else soft // 2
+    log.warning(
+        "max-connections %d needs %d open files but this process may open only %d; "
+        "serving at most %d connections (raise `ulimit -n` or LimitNOFILE= to allow more)",
+        wanted,
+        need,
+        soft,
+        cap,
+    )
+    return cap
 
 
 class OpenAIHttpServer:
@@ -35,16 +70,15 @@ class OpenAIHttpServer:
         port: int = 8000,
         metrics: FrontendMetrics | None = None,
         *,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
+        limits: HttpLimits = DEFAULT_LIMITS,
         backlog: int = 2048,
     ) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics if metrics is not None else FrontendMetrics()
         self.app = OpenAIApp(backend, self.metrics)
-        self.max_body_bytes = max_body_bytes
-        self.keepalive_timeout_s = keepalive_timeout_s
+        self.limits = limits
+        self.max_connections = limits.max_connections  # lowered at start() to what fits
         self._backlog = backlog
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[HttpConnection] = set()
@@ -53,9 +87,10 @@ class OpenAIHttpServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.max_connections = fit_connection_cap(self.limits.max_connections)
         try:
             self._server = await loop.create_server(
-                lambda: HttpConnection(self, self.app, self.max_body_bytes),
+                lambda: HttpConnection(self, self.app, self.limits),
                 self.host,
                 self.port,
                 backlog=self._backlog,
@@ -68,7 +103,7 @@ class OpenAIHttpServer:
                 "choose another Frontend port or stop what is using it",
             ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
-        self._reaper = loop.create_task(self._close_idle_connections())
+        self._reaper = loop.create_task(self._sweep())
         log.info("OpenAI HTTP server listening on %s:%d", self.host, self.port)
 
     async def stop(self, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
@@ -98,10 +133,15 @@ class OpenAIHttpServer:
         self._server = None
 
     # -- bookkeeping, called by connections -----------------------------------------------------
-    def _connection_opened(self, conn: HttpConnection) -> None:
+    def _connection_opened(self, conn: HttpConnection) -> bool:
+        """Admit a new connection; False means it is over the cap and must be refused."""
+        if len(self._connections) >= self.max_connections:
+            self.metrics.refused_connections.inc()
+            return False
         self._connections.add(conn)
         if self._all_closed is not None:  # accepted just before close(): serve nothing more
             conn.shutdown()
+        return True
 
     def _connection_closed(self, conn: HttpConnection) -> None:
         self._connections.discard(conn)
@@ -111,15 +151,17 @@ class OpenAIHttpServer:
     def _count_rejected(self, status: int) -> None:
         self.metrics.requests.inc(("other", str(status)))
 
-    async def _close_idle_connections(self) -> None:
-        # One sweep every few seconds costs less than a timer per request.
-        period = max(0.5, min(5.0, self.keepalive_timeout_s / 4))
+    async def _sweep(self) -> None:
+        # A timeout fires up to a quarter of itself late: one sweep costs less than a timer
+        # per request.
+        limits = self.limits
+        shortest = min(limits.keepalive_timeout_s, limits.header_timeout_s, limits.body_timeout_s)
+        period = max(0.05, min(1.0, shortest / 4))
         while True:
             await asyncio.sleep(period)
-            deadline = time.monotonic() - self.keepalive_timeout_s
+            now = time.monotonic()
             for conn in list(self._connections):
-                if not conn.busy and conn.idle_since < deadline:
-                    conn.shutdown()
+                conn.check_timeouts(now)
 
     @property
     def connection_count(self) -> int:

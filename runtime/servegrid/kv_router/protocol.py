@@ -9,8 +9,9 @@ A worker publishes on two subjects of its namespace (``events.subject_for``):
   its ``kv_blocks`` endpoint, which answers a ``KvSnapshot``: every block the worker holds
   and the sequence number of the last batch that snapshot already reflects.
 - ``kv_load.<Component>``: ``LoadReport`` frames at a bounded rate: the engine's load and the
-  ids of the requests it received since the previous report (a router stops counting its own
-  in-flight estimate for a request once the worker's report covers it).
+  ids of the requests it received and of those that finished since the previous report (a
+  router stops counting its own in-flight estimate for a request once the worker's report
+  covers it, and the request's prompt blocks as in use once it finished).
 
 ``<Component>`` is the worker's service name (``Worker``): decode workers of one graph share
 it, prefill workers (another component) publish apart and are not routing targets.
@@ -53,6 +54,8 @@ class LoadReport(msgspec.Struct, array_like=True, omit_defaults=True):
     waiting_requests: int
     #: request ids this worker received since its previous report
     received: list[str] = []
+    #: request ids whose stream ended (done, failed or cancelled) since its previous report
+    finished: list[str] = []
 
 
 class KvSnapshot(msgspec.Struct, array_like=True):

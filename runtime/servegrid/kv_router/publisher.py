@@ -57,6 +57,7 @@ class KvPublisher:
         self._pending: list[KvEvent] = []
         self._flush_scheduled = False
         self._received: list[str] = []
+        self._finished: list[str] = []
         self._outbox: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # set by the sender whenever the outbox is empty
@@ -113,9 +114,15 @@ class KvPublisher:
         if len(self._received) < MAX_RECEIVED_IDS:
             self._received.append(request_id)
 
+    def note_finished(self, request_id: str) -> None:
+        """A request's stream ended here; the next load report names it."""
+        if len(self._finished) < MAX_RECEIVED_IDS:
+            self._finished.append(request_id)
+
     def load_report(self) -> LoadReport:
         m = self.engine.load_metrics()
         received, self._received = self._received, []
+        finished, self._finished = self._finished, []
         return LoadReport(
             self.worker_id,
             m.active_blocks,
@@ -123,6 +130,7 @@ class KvPublisher:
             m.active_requests,
             m.waiting_requests,
             received,
+            finished,
         )
 
     async def _load_loop(self) -> None:
@@ -133,7 +141,8 @@ class KvPublisher:
             m = self.engine.load_metrics()
             state = (m.active_blocks, m.active_requests, m.waiting_requests)
             now = time.monotonic()
-            if state == last and not self._received and now - last_sent < self._heartbeat:
+            news = self._received or self._finished
+            if state == last and not news and now - last_sent < self._heartbeat:
                 continue
             last, last_sent = state, now
             self._queue(self._load_subject, encode(self.load_report()))
@@ -167,10 +176,10 @@ async def start_publisher(service: object, engine: Engine) -> KvPublisher | None
     predicting caches from their own decisions.
     """
     from servegrid.sdk.context import servegrid_context
-    from servegrid.sdk.service import _address
+    from servegrid.sdk.service import address
 
     runtime = servegrid_context.runtime
-    namespace, component = _address(type(service))
+    namespace, component = address(type(service))
     if not runtime.nats_url:
         log.info("%s: no event plane (NATS_SERVER unset); KV events are not published", component)
         return None

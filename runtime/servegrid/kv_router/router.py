@@ -130,13 +130,30 @@ class KvRouter:
         cfg = self.config
         hashes = block_hashes(token_ids, cfg.block_size)
         overlaps = self.indexer.overlaps(hashes)
+        loads = self.loads
+        loads.expire()
+        in_use = loads.in_use_prefix(hashes)
         prompt_blocks = len(hashes)
+        # Once admitted the request holds its prompt and its first output token.
+        request_blocks = -(-(len(token_ids) + 1) // cfg.block_size)
         worker_costs = costs(
-            worker_ids, overlaps, prompt_blocks, self.loads.active_blocks, cfg.overlap_score_weight
+            worker_ids,
+            overlaps,
+            in_use,
+            prompt_blocks,
+            request_blocks,
+            loads.load,
+            cfg.overlap_score_weight,
         )
         worker = choose(worker_ids, worker_costs, cfg.router_temperature, self._rng)
-        # Until the worker's load report names this request, count its blocks here.
-        self.loads.routed(worker, request_id, -(-(len(token_ids) + 1) // cfg.block_size))
+        # Until the worker's load report names this request, count what it adds there.
+        loads.routed(
+            worker,
+            request_id,
+            request_blocks - in_use.get(worker, 0),
+            hashes,
+            max(in_use.values(), default=0),
+        )
         if isinstance(self.indexer, ApproxIndexer):
             self.indexer.routed(worker, hashes)
         self.decisions += 1
@@ -186,7 +203,7 @@ class KvRouter:
             await asyncio.sleep(0.02)
 
     def state(self) -> dict:
-        """What this router knows, per worker (hex id): indexed blocks, in step, load."""
+        """What this router knows, per worker (hex id): indexed blocks, in step, load, running."""
         workers = set(self._members) | set(self.indexer.workers())
         return {
             "decisions": self.decisions,
@@ -197,6 +214,8 @@ class KvRouter:
                     "blocks": self.indexer.block_count(w),
                     "in_sync": self.sync.in_sync(w),
                     "active_blocks": self.loads.active_blocks(w),
+                    # requests sent there that the worker has not reported finished
+                    "running": self.loads.running(w),
                 }
                 for w in sorted(workers)
             },

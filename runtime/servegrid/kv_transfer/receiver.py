@@ -9,6 +9,8 @@ import secrets
 import socket
 from dataclasses import dataclass
 
+from servegrid.distributed.secret import require_secret_for_bind
+from servegrid.distributed.transport import handshake
 from servegrid.engines.disagg import KvReservation, KvTransferEngine
 from servegrid.kv_transfer.wire import (
     KvTarget,
@@ -19,6 +21,8 @@ from servegrid.kv_transfer.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 15.0
 
 
 class RemotePrefillFailedError(RuntimeError):
@@ -39,9 +43,17 @@ class KvReceiver:
     """
 
     def __init__(
-        self, engine: KvTransferEngine, bind_host: str, advertise_host: str, port: int = 0
+        self,
+        engine: KvTransferEngine,
+        bind_host: str,
+        advertise_host: str,
+        port: int = 0,
+        *,
+        secret: str | None = None,
     ) -> None:
         self.engine = engine
+        # Every connection opens with the request plane's handshake (the cluster secret).
+        self._secret = secret.encode("ascii") if secret is not None else None
         self.bind_host = bind_host
         self.advertise_host = advertise_host
         self.port = port
@@ -52,10 +64,12 @@ class KvReceiver:
         self.bytes_received = 0
         self.logical_bytes_received = 0
         self.refused = 0
+        self.refused_connections = 0  # failed the handshake
 
     async def start(self) -> None:
         if self._server is not None:
             return
+        require_secret_for_bind(self.bind_host, self._secret is not None)
         self._server = await asyncio.start_server(self._serve, self.bind_host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("KV transfer listener on %s:%d", self.bind_host, self.port)
@@ -103,6 +117,13 @@ class KvReceiver:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    await handshake.accept_stream(reader, writer, self._secret)
+            except (handshake.HandshakeRefusedError, TimeoutError) as exc:
+                self.refused_connections += 1
+                log.warning("KV transfer connection refused: %s", exc or "no handshake in time")
+                return
             while True:
                 header = await read_frame(reader, KvTransferHeader)
                 if header is None:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 
+from servegrid.distributed.secret import load_cluster_secret
+from servegrid.distributed.transport import handshake
 from servegrid.engines.disagg import PrefilledKv
 from servegrid.kv_transfer.wire import (
     KvTarget,
@@ -32,8 +34,9 @@ async def send_kv(
 ) -> None:
     """Send ``kv`` to ``target`` (or ``error``: the prefill failed); return once committed.
 
-    Bytes an engine does not ship for real (the mocker ships none) take the time a link of
-    ``bandwidth_bytes_per_s`` would need for them. Raises ``KvTransferRefusedError``.
+    The connection opens with the request plane's handshake, with the cluster secret from the
+    environment. Bytes an engine does not ship for real (the mocker ships none) take the time
+    a link of ``bandwidth_bytes_per_s`` would need for them. Raises ``KvTransferRefusedError``.
     """
     if kv is None:
         header = KvTransferHeader(
@@ -52,6 +55,8 @@ async def send_kv(
         simulated = kv.logical_bytes - sum(header.segment_sizes)
         if simulated > 0 and bandwidth_bytes_per_s > 0:
             await asyncio.sleep(simulated / bandwidth_bytes_per_s)
+    loaded = load_cluster_secret()
+    secret = loaded.encode("ascii") if loaded is not None else None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -59,6 +64,8 @@ async def send_kv(
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                where = f"the KV listener at {target.host}:{target.port}"
+                await handshake.connect_stream(reader, writer, secret, where)
                 writer.write(encode_frame(header))
                 for segment in segments:
                     writer.write(segment)
@@ -68,6 +75,8 @@ async def send_kv(
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
+    except handshake.HandshakeRefusedError as exc:
+        raise KvTransferRefusedError(str(exc)) from None
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         raise KvTransferRefusedError(
             f"decode worker at {target.host}:{target.port} unreachable ({type(exc).__name__})"

@@ -17,6 +17,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from servegrid.distributed import env
+
 # The one name configs use for the model servegrid builds itself.
 BUILTIN_MODEL = "servegrid/tiny-chat"
 DEFAULT_VOCAB_SIZE = 2048
@@ -47,7 +49,7 @@ class ModelNotFoundError(Exception):
 
 def default_model_dir() -> Path:
     """Where the built-in model lives: ``$SERVEGRID_HOME/models/tiny-chat``."""
-    home = os.environ.get("SERVEGRID_HOME")
+    home = os.environ.get(env.SERVEGRID_HOME)
     base = Path(home) if home else Path.home() / ".cache" / "servegrid"
     return base / "models" / "tiny-chat"
 

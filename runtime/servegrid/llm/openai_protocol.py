@@ -85,7 +85,8 @@ class _SamplingFields(_Lenient):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: list[str] = []
-    seed: int | None = None
+    # Engines take a signed 64-bit seed (vLLM's bound too); larger cannot cross the wire.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     user: str | None = None

@@ -1,6 +1,8 @@
 """Internal wire types between frontend, processor, router and worker (msgspec, not pydantic).
 
-Processor → worker is ``EngineRequest`` (engines/base.py): token ids and sampling parameters.
+Processor → worker is ``EngineRequest``: token ids and sampling parameters; the worker answers
+with ``EngineOutput``s. They are defined here, below both the Processor and the engines (which
+re-export them from ``engines/base.py``), so neither package imports the other's internals.
 
 The OpenAI request models live in ``openai_protocol`` and are validated once, at the HTTP edge;
 everything behind the frontend speaks these structs.
@@ -9,8 +11,6 @@ everything behind the frontend speaks these structs.
 from __future__ import annotations
 
 import msgspec
-
-from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
 
 __all__ = [
     "EngineOutput",
@@ -21,6 +21,27 @@ __all__ = [
     "SamplingParams",
     "TextRequest",
 ]
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class EngineRequest(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+
+
+class EngineOutput(msgspec.Struct, omit_defaults=True, array_like=True):
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first output only)
 
 
 class TextRequest(msgspec.Struct, omit_defaults=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,31 @@ class Tokenizer:
             ids.extend(value if isinstance(value, list) else [] if value is None else [value])
         return ids
 
-    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their own ids."""
+    def encode(
+        self, text: str, *, add_special_tokens: bool = False, release_gil: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``; special-token strings in it map to their own ids.
+
+        ``release_gil``: for a call on a worker thread. ``encode`` holds the GIL for the
+        whole call (a 5 MB text stalls every other thread for seconds); the batch call
+        releases it, at the cost of a little overhead that matters only for short texts.
+        """
+        if release_gil:
+            return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: its longest vocabulary entry.
+
+        Byte-level BPE entries have one character per byte and byte-fallback entries are
+        longer than the byte they stand for, so a text of N tokens has at most
+        ``N * max_token_chars`` characters: a bound checked before paying for tokenization.
+        """
+        return max(len(token) for token in self.hf.get_vocab(with_added_tokens=True))
 
     @property
     def has_chat_template(self) -> bool:
@@ -122,10 +141,15 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template of {self.model_dir} failed: {exc}") from exc
 
     def apply_chat_template_ids(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        release_gil: bool = False,
     ) -> list[int]:
         return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt),
+            release_gil=release_gil,
         )
 
 

@@ -21,6 +21,18 @@ class ServiceContext(dict):
             )
         return runtime
 
+    def linked(self, source: type, target: type) -> bool:
+        """Whether the graph this process serves has the edge ``source`` → ``target``.
+
+        False outside a graph (a service started from flags has no graph edges).
+        """
+        from servegrid.sdk.service import spec_of
+
+        graph = self.get("graph")
+        if graph is None:
+            return False
+        return spec_of(target).name in graph.edges.get(spec_of(source).name, [])
+
     @property
     def local_services(self) -> dict[str, Any]:
         """Instances of services hosted in this very process, by service name."""

@@ -91,9 +91,9 @@ class ServiceClient:
 
     async def client(self, endpoint: str) -> Any:
         """The low-level EndpointClient of one of the target's endpoints."""
-        from servegrid.sdk.service import _address
+        from servegrid.sdk.service import address
 
-        namespace, component = _address(self._target)
+        namespace, component = address(self._target)
         return await servegrid_context.runtime.client(namespace, component, endpoint)
 
 
@@ -116,9 +116,9 @@ class EndpointCaller:
 
     async def _get_client(self) -> Any:
         if self._client is None:
-            from servegrid.sdk.service import _address
+            from servegrid.sdk.service import address
 
-            namespace, component = _address(self._target)
+            namespace, component = address(self._target)
             self._client = await servegrid_context.runtime.client(
                 namespace, component, self._endpoint.name
             )

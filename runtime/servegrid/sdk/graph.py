@@ -4,6 +4,11 @@
 keeps only its linked edges; so ``Frontend.link(Processor).link(Worker)`` drops the
 Processor's Router edge and every edge of Worker. Services never linked keep all their
 ``depends`` edges.
+
+The edges belong to the module that states them (the graph module, e.g. ``graphs/agg.py``),
+kept in its ``__servegrid_links__``: importing ``graphs.agg_router`` does not change what
+``graphs.agg`` resolves to. ``resolve_ref("pkg.graph:Entry")`` uses that module's edges;
+``resolve(Entry)`` uses the edges stated in the calling module (or the ``links`` given).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import importlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from servegrid.sdk.dependency import Dependency
 from servegrid.sdk.errors import GraphError
@@ -66,7 +72,22 @@ class LinkRegistry:
         self.edges.clear()
 
 
-LINKS = LinkRegistry()
+LINKS_ATTR = "__servegrid_links__"
+
+
+def links_of_module(module: ModuleType | dict) -> LinkRegistry:
+    """The edges stated in ``module`` (a module or its globals), created empty on first use."""
+    namespace = module if isinstance(module, dict) else vars(module)
+    registry = namespace.get(LINKS_ATTR)
+    if not isinstance(registry, LinkRegistry):
+        registry = LinkRegistry()
+        namespace[LINKS_ATTR] = registry
+    return registry
+
+
+def links_of_caller(depth: int = 1) -> LinkRegistry:
+    """The edges of the module whose code is ``depth`` frames above this call."""
+    return links_of_module(sys._getframe(depth + 1).f_globals)
 
 
 @dataclass
@@ -82,7 +103,10 @@ class Graph:
         return next((s for s in self.services if s.name == name), None)
 
 
-def resolve(entry: type) -> Graph:
+def resolve(entry: type, links: LinkRegistry | None = None) -> Graph:
+    """The graph from ``entry``, pruned by ``links`` (default: the calling module's)."""
+    if links is None:
+        links = links_of_caller(1)
     if not is_service(entry):
         raise GraphError(f"{entry!r} is not a @service class")
     order: list[ServiceSpec] = []
@@ -100,7 +124,7 @@ def resolve(entry: type) -> Graph:
         path.append(cls)
         spec = spec_of(cls)
         edges[spec.name] = []
-        for _attr, target in LINKS.dependencies(cls):
+        for _attr, target in links.dependencies(cls):
             edges[spec.name].append(spec_of(target).name)
             visit(target)
         path.pop()
@@ -113,6 +137,13 @@ def resolve(entry: type) -> Graph:
     if duplicates:
         raise GraphError(f"two services in the graph share the name(s): {', '.join(duplicates)}")
     return Graph(entry=spec_of(entry), services=order, edges=edges)
+
+
+def resolve_ref(ref: str, working_dir: Path | None = None) -> Graph:
+    """Import ``module:Class`` and resolve its graph with the edges that module states."""
+    entry = import_service(ref, working_dir)
+    module_name = ref.partition(":")[0] if ":" in ref else ref.rpartition(".")[0]
+    return resolve(entry, links_of_module(sys.modules[module_name]))
 
 
 def import_service(ref: str, working_dir: Path | None = None) -> type:

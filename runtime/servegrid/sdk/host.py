@@ -1,5 +1,11 @@
 """Host services in this process: construct, start, serve, register; drain and stop.
 
+A stop (SIGTERM or SIGINT) is graceful: the process leaves discovery first (callers stop
+choosing it), then finishes what it has in flight, the request plane's streams and whatever
+the services' ``@async_on_drain`` hooks hold (the Frontend's open HTTP streams), for up to
+``ServiceArgs.drain-timeout`` seconds (default 30), and only then runs the shutdown hooks
+and exits. Callers keep their connections to a draining process until their streams end.
+
 ``servegrid serve`` starts one process per service worker running ``python -m
 servegrid.sdk.host``; the environment says which graph, which service(s) and which worker.
 Several services may share one process (``SERVEGRID_SERVICES=Frontend,Processor``): their
@@ -19,17 +25,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from servegrid.distributed import env
+from servegrid.distributed.errors import SetupError
 from servegrid.distributed.runtime import DistributedRuntime
 from servegrid.sdk.config import ServiceConfig
 from servegrid.sdk.context import servegrid_context
 from servegrid.sdk.errors import UserError
-from servegrid.sdk.graph import import_service, resolve
+from servegrid.sdk.graph import Graph, resolve_ref
 from servegrid.sdk.layered_config import constructor_kwargs, effective_service_args
-from servegrid.sdk.service import ServiceSpec
+from servegrid.sdk.service import ServiceSpec, address
 
 log = logging.getLogger("servegrid.host")
-
-DRAIN_TIMEOUT = float(os.environ.get("SERVEGRID_DRAIN_TIMEOUT", "10"))
 
 
 class HostedService:
@@ -55,18 +60,50 @@ async def _call_hooks(hosted: HostedService, names: list[str]) -> None:
         await getattr(hosted.instance, name)()
 
 
+async def _drain(runtime: DistributedRuntime, hosted: list[HostedService], timeout: float) -> None:
+    """Finish in-flight work (request plane and ``@async_on_drain`` hooks) within ``timeout``."""
+    started = asyncio.get_running_loop().time()
+    in_flight = runtime.server.in_flight
+    jobs: list[tuple[str, Awaitable[Any]]] = [("request plane", runtime.server.drain(timeout))]
+    for item in hosted:
+        for name in item.spec.on_drain:
+            jobs.append((f"{item.spec.name}.{name}", getattr(item.instance, name)(timeout)))
+    results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
+    for (what, _), result in zip(jobs, results, strict=True):
+        if isinstance(result, BaseException):
+            log.error("draining %s failed: %s", what, result)
+    left = runtime.server.in_flight
+    elapsed = asyncio.get_running_loop().time() - started
+    if left:
+        log.warning(
+            "drain-timeout of %.0fs passed with %d request(s) still in flight; stopping anyway",
+            timeout,
+            left,
+        )
+    elif in_flight:
+        log.info("drained %d in-flight request(s) in %.2fs", in_flight, elapsed)
+
+
 async def host_services(
-    specs: list[ServiceSpec], config: ServiceConfig, stop: asyncio.Event
+    specs: list[ServiceSpec],
+    config: ServiceConfig,
+    stop: asyncio.Event,
+    graph: Graph | None = None,
 ) -> None:
     runtime = await DistributedRuntime.from_env()
     servegrid_context["runtime"] = runtime
     servegrid_context["worker_index"] = int(os.environ.get(env.SERVEGRID_WORKER_INDEX, "0"))
+    if graph is not None:
+        servegrid_context["graph"] = graph
     hosted: list[HostedService] = []
+    drain_timeout = 0.0
     try:
         for spec in specs:
             args = effective_service_args(spec, config)
+            drain_timeout = max(drain_timeout, float(args["drain-timeout"]))
+            namespace, _ = address(spec.cls)
             instance = spec.cls(**constructor_kwargs(spec, config.settings(spec.name)))
-            hosted.append(HostedService(spec, instance, args["namespace"]))
+            hosted.append(HostedService(spec, instance, namespace))
             servegrid_context.setdefault("instance_ids", {})[spec.name] = hosted[-1].instance_id
             servegrid_context.local_services[spec.name] = instance
         for item in hosted:
@@ -92,10 +129,11 @@ async def host_services(
                 runtime.server.port,
             )
         await stop.wait()
+        log.info("stopping: leaving discovery, then draining for up to %.0fs", drain_timeout)
     finally:
         # Leave discovery first so callers stop choosing us, then let in-flight work finish.
         await runtime.unregister_all()
-        await runtime.server.drain(DRAIN_TIMEOUT)
+        await _drain(runtime, hosted, drain_timeout)
         for item in reversed(hosted):
             try:
                 await _call_hooks(item, item.spec.on_shutdown)
@@ -116,8 +154,7 @@ async def _main() -> None:
     graph_ref = os.environ[env.SERVEGRID_GRAPH]
     names = [n for n in os.environ[env.SERVEGRID_SERVICES].split(",") if n]
     config = ServiceConfig.get_instance()
-    entry = import_service(graph_ref, working_dir=_working_dir())
-    graph = resolve(entry)
+    graph = resolve_ref(graph_ref, working_dir=_working_dir())
     specs = []
     for name in names:
         spec = graph.get(name)
@@ -126,31 +163,33 @@ async def _main() -> None:
                 f"service {name!r} is not in graph {graph_ref} ({', '.join(graph.names())})"
             )
         specs.append(spec)
-    await host_until_signal(specs, config)
+    await host_until_signal(specs, config, graph)
 
 
 def _working_dir() -> Any:
     from pathlib import Path
 
-    value = os.environ.get("SERVEGRID_WORKING_DIR")
+    value = os.environ.get(env.SERVEGRID_WORKING_DIR)
     return Path(value) if value else Path.cwd()
 
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("SERVEGRID_LOG_LEVEL", "INFO").upper(),
+        level=os.environ.get(env.SERVEGRID_LOG_LEVEL, "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
 
-async def host_until_signal(specs: list[ServiceSpec], config: ServiceConfig) -> None:
+async def host_until_signal(
+    specs: list[ServiceSpec], config: ServiceConfig, graph: Graph | None = None
+) -> None:
     """Host ``specs`` until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await host_services(specs, config, stop)
+    await host_services(specs, config, stop, graph)
 
 
 def run_main(main_coroutine: Callable[[], Awaitable[None]]) -> None:
@@ -159,7 +198,7 @@ def run_main(main_coroutine: Callable[[], Awaitable[None]]) -> None:
     install_uvloop()
     try:
         asyncio.run(main_coroutine())
-    except UserError as exc:
+    except (UserError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except ConnectionError as exc:

@@ -15,12 +15,13 @@ import yaml
 
 from servegrid.sdk.config import COMMON_CONFIGS, SERVICE_ARGS
 from servegrid.sdk.errors import ConfigError
+from servegrid.sdk.flags import parse_flags
 from servegrid.sdk.graph import Graph
 from servegrid.sdk.service import ServiceSpec
 
 GRAPH_KEY = "graph"
 COMMON_KEY = "Common"
-SERVICE_ARG_KEYS = ("namespace", "resources", "workers")
+SERVICE_ARG_KEYS = ("namespace", "resources", "workers", "process", "drain-timeout")
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -49,13 +50,6 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     """``--Service.key=value`` (or ``--Service.key value``) → {Service: {key: value}}.
 
@@ -63,30 +57,20 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     so ``true``, ``2`` and ``[a, b]`` get their types.
     """
     overrides: dict[str, dict[str, Any]] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+    for name, value, arg in parse_flags(args, "--Service.key=value"):
+        service, *path = name.split(".")
+        if not path:
             raise ConfigError(
                 f"unexpected argument {arg!r}: overrides look like --Service.key=value"
             )
-        name, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                value, eq = "true", "="  # a bare --Service.flag means true
-            else:
-                i += 1
-                value = args[i]
-        service, *path = name.split(".")
-        if not service or not path or not all(path):
+        if not service or not all(path):
             raise ConfigError(f"bad override {arg!r}: expected --Service.key=value")
         node = overrides.setdefault(service, {})
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"bad override {arg!r}: {part!r} is not a section")
-        node[path[-1]] = _parse_value(value)
-        i += 1
+        node[path[-1]] = value
     return overrides
 
 
@@ -108,15 +92,25 @@ def merge_config(
     known_services: list[str] | None = None,
 ) -> dict[str, Any]:
     """The merged per-service config. Sections for services outside the graph are kept (one
-    config file serves every node), but an override must name a service of the graph."""
+    config file serves every node), but an override must name a service of the graph.
+
+    ``--Common.key=value`` overrides the YAML's ``Common`` for every service that lists
+    ``key`` in its ``common-configs`` (unless that service's own CLI override sets ``key``);
+    one that no service lists would change nothing, so it is refused.
+    """
     names = graph.names() if graph is not None else list(known_services or [])
+    common_override = overrides.get(COMMON_KEY) or {}
     for service in overrides:
+        if service == COMMON_KEY:
+            continue
         if service not in names and service not in yaml_config:
             raise ConfigError(
                 f"override --{service}.…: service {service!r} is not in the graph "
                 f"(services: {', '.join(names)})"
             )
-    common = yaml_config.get(COMMON_KEY) or {}
+    yaml_common = yaml_config.get(COMMON_KEY) or {}
+    common = _deep_merge(yaml_common, common_override)
+    used_common: set[str] = set()
     merged: dict[str, Any] = {}
     specs = {s.name: s for s in graph.services} if graph is not None else {}
     section_names = [n for n in yaml_config if n not in (GRAPH_KEY, COMMON_KEY)]
@@ -136,13 +130,23 @@ def merge_config(
                     f"{name}.{COMMON_CONFIGS} lists {key!r}, but 'Common' has no such key "
                     f"(Common keys: {', '.join(common) or 'none'})"
                 )
-            # the service's own value (from YAML or CLI) wins over Common
-            if key not in section:
+            used_common.add(key)
+            # The service's own CLI value wins, then a CLI Common value, then the service's
+            # own YAML value, then the YAML Common value.
+            own_cli = key in (overrides.get(name) or {})
+            if not own_cli and (key in common_override or key not in section):
                 section[key] = copy.deepcopy(common[key])
         if SERVICE_ARGS in section and not isinstance(section[SERVICE_ARGS], dict):
             raise ConfigError(f"{name}.{SERVICE_ARGS} must be a mapping")
         if section or spec is not None:
             merged[name] = section
+    unused = sorted(set(common_override) - used_common)
+    if unused:
+        raise ConfigError(
+            f"override --{COMMON_KEY}.{unused[0]}: no service lists {unused[0]!r} in its "
+            f"{COMMON_CONFIGS}, so it would change nothing; add it to a service's "
+            f"{COMMON_CONFIGS}, or override the service directly (--Service.{unused[0]}=...)"
+        )
     return merged
 
 
@@ -155,6 +159,12 @@ def effective_service_args(spec: ServiceSpec, config: dict[str, Any]) -> dict[st
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(
             f"{spec.name}.{SERVICE_ARGS}.workers must be a positive integer, got {workers!r}"
+        )
+    drain = args.get("drain-timeout")
+    if not isinstance(drain, int | float) or isinstance(drain, bool) or drain < 0:
+        raise ConfigError(
+            f"{spec.name}.{SERVICE_ARGS}.drain-timeout must be seconds (a number >= 0), "
+            f"got {drain!r}"
         )
     return args
 

@@ -2,7 +2,12 @@
 
 The decorator leaves the class a plain class (it can be instantiated and unit-tested as is)
 and attaches a ``ServiceSpec`` as ``cls.__servegrid__``, plus two class methods:
-``link(other)`` to build graphs and ``address()`` for ``(namespace, name)``.
+``link(other)`` to build graphs and ``address()`` for ``(namespace, name)``, the address
+under which the running service's endpoints are registered:
+
+    runtime = servegrid_context["runtime"]
+    ns, name = Worker.address()
+    client = await runtime.namespace(ns).component(name).endpoint("generate").client()
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 DEFAULT_NAMESPACE = "servegrid"
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 T = TypeVar("T", bound=type)
 
@@ -34,12 +40,14 @@ class ServiceSpec:
     cls: type
     name: str
     namespace: str = DEFAULT_NAMESPACE
+    namespace_explicit: bool = False  # named in @service(namespace=...), not the default
     resources: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
     on_start: list[str] = field(default_factory=list)
     on_shutdown: list[str] = field(default_factory=list)
+    on_drain: list[str] = field(default_factory=list)
     # attribute name → Dependency; filled by Dependency.__set_name__
     dependencies: dict[str, Any] = field(default_factory=dict)
 
@@ -48,6 +56,7 @@ class ServiceSpec:
             "namespace": self.namespace,
             "resources": dict(self.resources),
             "workers": self.workers,
+            "drain-timeout": DEFAULT_DRAIN_TIMEOUT,
         }
 
 
@@ -101,6 +110,16 @@ def async_on_shutdown(func: Callable) -> Callable:
     return func
 
 
+def async_on_drain(func: Callable) -> Callable:
+    """Run ``await self.func(timeout)`` when a stop begins, beside the request plane's drain.
+
+    For work the SDK does not see (an HTTP listener): stop taking new work at once, finish
+    what is in flight within ``timeout`` seconds, then return.
+    """
+    func.__servegrid_on_drain__ = True  # type: ignore[attr-defined]
+    return func
+
+
 def service(
     cls: type | None = None,
     *,
@@ -117,6 +136,7 @@ def service(
             cls=klass,
             name=name or klass.__name__,
             namespace=namespace or DEFAULT_NAMESPACE,
+            namespace_explicit=namespace is not None,
             resources=dict(resources or {}),
             workers=workers,
             extra=extra,
@@ -143,12 +163,14 @@ def service(
                 spec.on_start.append(attr_name)
             if getattr(member, "__servegrid_on_shutdown__", False):
                 spec.on_shutdown.append(attr_name)
+            if getattr(member, "__servegrid_on_drain__", False):
+                spec.on_drain.append(attr_name)
         for attr_name, value in klass.__dict__.items():
             if getattr(value, "__servegrid_dependency__", False):
                 spec.dependencies[attr_name] = value
         klass.__servegrid__ = spec  # type: ignore[attr-defined]
         klass.link = classmethod(_link)  # type: ignore[attr-defined]
-        klass.address = classmethod(_address)  # type: ignore[attr-defined]
+        klass.address = classmethod(address)  # type: ignore[attr-defined]
         return klass
 
     if cls is not None:
@@ -169,16 +191,26 @@ def is_service(cls: Any) -> bool:
 
 
 def _link(cls: type, other: type) -> type:
-    from servegrid.sdk.graph import LINKS
+    from servegrid.sdk.graph import links_of_caller
 
-    LINKS.link(cls, other)
+    # The edge belongs to the graph module that states it (the caller), not to the process.
+    links_of_caller(depth=1).link(cls, other)
     return other
 
 
-def _address(cls: type) -> tuple[str, str]:
-    """``(namespace, name)`` under which the service's endpoints are registered."""
+def address(cls: type) -> tuple[str, str]:
+    """``(namespace, name)`` under which the service's endpoints are registered.
+
+    The namespace, first found: the config's ``ServiceArgs.namespace`` (``servegrid serve``
+    writes the graph's resolved namespace there), ``SERVEGRID_NAMESPACE``, the one named in
+    ``@service(namespace=...)``, else ``servegrid``.
+    """
+    import os
+
+    from servegrid.distributed.env import SERVEGRID_NAMESPACE
     from servegrid.sdk.config import ServiceConfig
 
     spec = spec_of(cls)
     args = ServiceConfig.get_instance().service_args(spec.name)
-    return args.get("namespace", spec.namespace), spec.name
+    namespace = args.get("namespace") or os.environ.get(SERVEGRID_NAMESPACE) or spec.namespace
+    return str(namespace), spec.name

@@ -9,6 +9,10 @@ A lease is alive exactly while its owner holds the lock: the kernel drops the lo
 process dies, SIGKILL included, so any reader can tell a dead owner at once (the lock can be
 taken) and removes that owner's entries. Watches poll the directory; on one host that costs
 little and needs no daemon.
+
+Whatever is written here becomes a worker that receives users' prompts, so the directory must
+be this user's alone: it is created 0700 (parents too), one that another user owns or may
+write to is refused (``private_dir.py``), and entries and leases are written 0600.
 """
 
 from __future__ import annotations
@@ -24,11 +28,18 @@ from pathlib import Path
 
 import msgspec
 
+from servegrid.distributed import env
 from servegrid.distributed.discovery.base import (
     Discovery,
     DiscoveryEvent,
     InstanceInfo,
     now,
+)
+from servegrid.distributed.private_dir import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    ensure_private_dir,
+    write_private_file,
 )
 
 POLL_INTERVAL = 0.2
@@ -65,11 +76,13 @@ class FileDiscovery(Discovery):
     async def start(self) -> None:
         if self._lease_fd is not None:
             return
-        self._keys.mkdir(parents=True, exist_ok=True)
-        self._leases.mkdir(parents=True, exist_ok=True)
+        how = f"set {env.SERVEGRID_DISCOVERY_DIR} to a directory of your own"
+        ensure_private_dir(self.directory, "the discovery directory", how)
+        self._keys.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+        self._leases.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         # Lock a temp file, then rename it into place: a reader never sees an unlocked lease.
         tmp = self._leases / f".{self.lease_id:x}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, str(os.getpid()).encode())
         os.rename(tmp, self._lease_path)
@@ -83,11 +96,9 @@ class FileDiscovery(Discovery):
         if not info.registered_at:
             info = msgspec.structs.replace(info, registered_at=now())
         path = self._path_for(info.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         body = {"lease": self.lease_id, "info": msgspec.to_builtins(info)}
-        tmp.write_text(json.dumps(body))
-        os.rename(tmp, path)
+        write_private_file(path, json.dumps(body).encode())
         self._owned[info.key] = info
 
     async def unregister(self, info: InstanceInfo) -> None:

@@ -4,33 +4,49 @@
 responses, or ``await stream.single()`` for a one-response endpoint. Closing the stream
 before it ends (``aclose``, or leaving an ``async for`` early) sends CANCEL so the server
 stops the work.
+
+A connection is usable once the handshake of ``handshake.py`` has succeeded: ``connect``
+raises ``AuthenticationError`` (saying what to set) when the two processes do not share the
+cluster secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import deque
 from typing import Any
 
 from servegrid.distributed.errors import (
+    AuthenticationError,
     ConnectionLostError,
     EndpointNotFoundError,
     InstanceUnavailableError,
     RemoteError,
 )
+from servegrid.distributed.transport import handshake
 from servegrid.distributed.transport.codec import converter_for
 from servegrid.distributed.transport.frames import (
+    CANCEL,
+    DATA,
+    END,
+    ERROR,
+    LAST,
+    REQUEST,
     CoalescingWriter,
     FrameError,
     FrameReader,
-    Kind,
     decode_payload,
     encode_payload,
     frame,
 )
+from servegrid.errors import from_remote
+
+log = logging.getLogger(__name__)
 
 _END = object()
+_auth_failures_logged: set[tuple[str, int]] = set()
 
 
 class ResponseStream:
@@ -114,19 +130,29 @@ class ResponseStream:
 class Connection(CoalescingWriter, asyncio.Protocol):
     """A client connection to one request-plane server, shared by many streams."""
 
-    def __init__(self, instance_id: int, host: str, port: int) -> None:
+    def __init__(self, instance_id: int, host: str, port: int, secret: bytes | None = None) -> None:
         self.instance_id = instance_id
         self.host = host
         self.port = port
         self._loop = asyncio.get_running_loop()
+        # Set once the handshake has succeeded: only then may frames be sent.
         self._transport: asyncio.Transport | None = None
+        self._raw: asyncio.Transport | None = None
+        self._secret = secret
+        self._handshake: bytearray | None = bytearray()
+        self._server_nonce: bytes | None = None
+        self._client_nonce = handshake.new_nonce()
+        self._handshake_done: asyncio.Future = self._loop.create_future()
         self._reader = FrameReader()
         self._streams: dict[int, ResponseStream] = {}
         self._next_id = 1
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._connecting: asyncio.Future | None = None
         self.closed = False
+        # The instance left discovery (it is draining): close once its last stream ends.
+        self.retired = False
 
     async def connect(self, timeout: float = 5.0) -> None:
         if self._transport is not None:
@@ -137,23 +163,79 @@ class Connection(CoalescingWriter, asyncio.Protocol):
 
     async def _open(self, timeout: float) -> None:
         try:
-            await asyncio.wait_for(
-                self._loop.create_connection(lambda: self, self.host, self.port), timeout
-            )
-        except (OSError, TimeoutError) as exc:
-            self.closed = True
+            async with asyncio.timeout(timeout):
+                await self._loop.create_connection(lambda: self, self.host, self.port)
+                await self._handshake_done
+        except AuthenticationError as exc:
+            self.close()
+            if (self.host, self.port) not in _auth_failures_logged:
+                _auth_failures_logged.add((self.host, self.port))
+                log.warning("%s", exc)
+            raise
+        except (OSError, TimeoutError, InstanceUnavailableError) as exc:
+            self.close()
+            reason = str(exc) or f"no answer within {timeout:g}s"
             raise InstanceUnavailableError(
-                self.instance_id, f"{self.host}:{self.port}: {exc}"
+                self.instance_id, f"{self.host}:{self.port}: {reason}"
             ) from exc
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._raw = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _handshake_failed(self, error: InstanceUnavailableError) -> bytes:
+        self._handshake = None
+        if not self._handshake_done.done():
+            self._handshake_done.set_exception(error)
+        if self._raw is not None:
+            self._raw.close()
+        return b""
+
+    def _refused(self, problem: str, about_secret: bool) -> bytes:
+        message = f"the request-plane server at {self.host}:{self.port} {problem}"
+        error_class = AuthenticationError if about_secret else InstanceUnavailableError
+        return self._handshake_failed(error_class(self.instance_id, message))
+
+    def _handshake_received(self, data: bytes) -> bytes:
+        """Answer the server's HELLO, then check its VERDICT; returns the bytes after it."""
+        buf = self._handshake
+        assert buf is not None and self._raw is not None
+        buf += data
+        if self._server_nonce is None:
+            if len(buf) < handshake.HELLO.size:
+                return b""
+            try:
+                version, auth, nonce = handshake.unpack_hello(bytes(buf[: handshake.HELLO.size]))
+            except handshake.HandshakeError as exc:
+                return self._handshake_failed(InstanceUnavailableError(self.instance_id, str(exc)))
+            del buf[: handshake.HELLO.size]
+            problem = handshake.hello_problem(version, auth, self._secret is not None)
+            if problem is not None:
+                return self._refused(*problem)
+            self._server_nonce = nonce
+            self._raw.write(handshake.pack_proof(self._secret, nonce, self._client_nonce))
+        if len(buf) < handshake.VERDICT.size:
+            return b""
+        status, proof = handshake.unpack_verdict(bytes(buf[: handshake.VERDICT.size]))
+        rest = bytes(buf[handshake.VERDICT.size :])
+        self._handshake = None
+        problem = handshake.verdict_problem(
+            status, proof, self._secret, self._server_nonce, self._client_nonce
+        )
+        if problem is not None:
+            return self._refused(*problem)
+        self._transport = self._raw
+        self._handshake_done.set_result(None)
+        return rest
+
     def data_received(self, data: bytes) -> None:
+        if self._handshake is not None:
+            data = self._handshake_received(data)
+            if not data:
+                return
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
@@ -165,28 +247,34 @@ class Connection(CoalescingWriter, asyncio.Protocol):
             stream = streams.get(stream_id)
             if stream is None:
                 continue  # cancelled by us; late frames are dropped
-            if kind == Kind.DATA:
+            if kind == DATA:
                 stream._push(decode_payload(body))
-            elif kind == Kind.LAST:
-                del streams[stream_id]
+                continue
+            del streams[stream_id]
+            if kind == LAST:
                 stream._push(decode_payload(body))
                 stream._push(_END)
-            elif kind == Kind.END:
-                del streams[stream_id]
+            elif kind == END:
                 stream._push(_END)
-            elif kind == Kind.ERROR:
-                del streams[stream_id]
+            elif kind == ERROR:
                 code, message = decode_payload(body)
                 error = (
                     EndpointNotFoundError(message)
                     if code == "endpoint_not_found"
-                    else RemoteError(code, message)
+                    else from_remote(code, message) or RemoteError(code, message)
                 )
                 stream._fail(error)
+        if self.retired and not streams:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._transport = None
+        self._raw = None
+        if not self._handshake_done.done():
+            self._handshake_done.set_exception(
+                InstanceUnavailableError(self.instance_id, "closed during the handshake")
+            )
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             if stream.received_any or stream._items:
@@ -199,33 +287,51 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         """Send a request on an open connection and return its response stream."""
         if self.closed or self._transport is None:
             raise InstanceUnavailableError(self.instance_id, "connection closed")
+        streams = self._streams
         stream_id = self._next_id
+        while stream_id in streams:  # after a wrap: an id names one open stream only
+            stream_id = (stream_id + 1) & 0xFFFFFFFF or 1
+        # Encode before registering: a payload that cannot be encoded (or is over the frame
+        # limit) raises here and must not leave a stream record behind that nobody will end.
+        request = frame(REQUEST, stream_id, encode_payload((endpoint, payload)))
         self._next_id = (stream_id + 1) & 0xFFFFFFFF or 1
         stream = ResponseStream(self, stream_id, response_type)
-        self._streams[stream_id] = stream
-        self._send(frame(Kind.REQUEST, stream_id, encode_payload((endpoint, payload))))
+        streams[stream_id] = stream
+        self._send(request)
         return stream
 
     def _cancel(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is not None and not self.closed:
-            self._send(frame(Kind.CANCEL, stream_id))
+            self._send(frame(CANCEL, stream_id))
+            if self.retired and not self._streams:
+                self._loop.call_soon(self.close)  # after the CANCEL frame is flushed
+
+    def retire(self) -> None:
+        """No new streams will be sent here; close when the open ones have ended."""
+        self.retired = True
+        if not self._streams:
+            self.close()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        if self._raw is not None:
+            self._raw.close()
         self.closed = True
 
 
 class ConnectionPool:
-    """Connections by instance id, reopened on demand after a failure."""
+    """Connections by instance id, reopened on demand after a failure.
 
-    def __init__(self) -> None:
+    ``secret``: the cluster secret each connection proves in its handshake (None: none).
+    """
+
+    def __init__(self, secret: str | None = None) -> None:
         self._conns: dict[int, Connection] = {}
+        self._secret = secret.encode("ascii") if secret is not None else None
 
     async def get(self, instance_id: int, host: str, port: int) -> Connection:
         conn = self._conns.get(instance_id)
         if conn is None or conn.closed or (conn.host, conn.port) != (host, port):
-            conn = Connection(instance_id, host, port)
+            conn = Connection(instance_id, host, port, self._secret)
             self._conns[instance_id] = conn
         if conn._transport is None:
             try:
@@ -236,9 +342,20 @@ class ConnectionPool:
         return conn
 
     def drop(self, instance_id: int) -> None:
+        """Close the instance's connection now (it failed): its streams fail too."""
         conn = self._conns.pop(instance_id, None)
         if conn is not None:
             conn.close()
+
+    def retire(self, instance_id: int) -> None:
+        """The instance left discovery: keep its connection until its streams end.
+
+        A draining instance deregisters first and then finishes what it has in flight;
+        closing the connection here would cut exactly the streams it is draining.
+        """
+        conn = self._conns.pop(instance_id, None)
+        if conn is not None:
+            conn.retire()
 
     def close(self) -> None:
         for conn in self._conns.values():

@@ -1,6 +1,7 @@
 """The request plane's wire format, defined once.
 
-Every frame is a 9-byte header followed by a body:
+A connection opens with the handshake of ``handshake.py`` (the cluster secret, proven both
+ways); only then do frames flow. Every frame is a 9-byte header followed by a body:
 
     u32 body length | u8 kind | u32 stream id      (big-endian)
 
@@ -13,7 +14,11 @@ Kinds:
     ERROR     server → client  body: msgpack [code, message]; the stream ended in error
     CANCEL    client → server  body: empty; the caller went away, stop the work
 
-Stream ids are chosen by the client and are unique per connection.
+Stream ids are chosen by the client. An id names one open stream of its connection: a REQUEST
+that reuses the id of a stream still open (not yet ended, errored or cancelled) is a protocol
+error, and so is any kind a client does not send or a body over ``MAX_FRAME_BODY``; the server
+then closes the connection, which cancels every stream on it. Once a stream has ended or been
+cancelled its id may be used again (the client's 32-bit counter wraps).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import msgspec
 
 HEADER = struct.Struct("!IBI")
 HEADER_SIZE = HEADER.size
-MAX_FRAME_BODY = 64 * 1024 * 1024
+# Far above any request or response (a long prompt's ids are a few hundred KiB) and small
+# enough that a peer cannot make the reader hold much for a frame it never finishes.
+MAX_FRAME_BODY = 16 * 1024 * 1024
 
 
 class Kind(IntEnum):
@@ -38,30 +45,54 @@ class Kind(IntEnum):
     CANCEL = 6
 
 
+# The kinds as plain ints for the per-frame paths: reading an IntEnum member is a descriptor
+# call that costs about as much as packing the frame's header.
+REQUEST = int(Kind.REQUEST)
+DATA = int(Kind.DATA)
+LAST = int(Kind.LAST)
+END = int(Kind.END)
+ERROR = int(Kind.ERROR)
+CANCEL = int(Kind.CANCEL)
+
 _pack_header = HEADER.pack
 encode_payload = msgspec.msgpack.Encoder().encode
 decode_payload = msgspec.msgpack.Decoder().decode
 
 
+class FrameTooLargeError(Exception):
+    """A request or response is larger than one frame may be; the peer would drop the
+    connection (and every stream on it) for it, so it is refused before it is sent."""
+
+
 def frame(kind: int, stream_id: int, body: bytes = b"") -> bytes:
-    return _pack_header(len(body), kind, stream_id) + body
+    size = len(body)
+    if size > MAX_FRAME_BODY:
+        what = "a request" if kind == REQUEST else "a response"
+        raise FrameTooLargeError(
+            f"{what} of {size} bytes exceeds the request plane's frame limit of "
+            f"{MAX_FRAME_BODY} bytes"
+        )
+    return _pack_header(size, kind, stream_id) + body
 
 
 class CoalescingWriter:
     """Frames sent in one event-loop iteration leave in one ``transport.write``.
 
     Mixed into both ends of a request-plane connection: many streams share it, and a step
-    that answers many requests costs one syscall, not one per frame.
+    that answers many requests costs one syscall, not one per frame. ``_out_bytes`` counts
+    what waits for the next write, so a writer can hold back before the buffer grows.
     """
 
     __slots__ = ()
     _loop: Any
     _transport: Any
     _out: list[bytes]
+    _out_bytes: int
     _flush_scheduled: bool
 
     def _send(self, data: bytes) -> None:
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -69,6 +100,7 @@ class CoalescingWriter:
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         transport = self._transport
         if not out or transport is None or transport.is_closing():
             return
@@ -80,7 +112,10 @@ class FrameError(Exception):
 
 
 class FrameReader:
-    """Incremental frame parser: feed bytes, get complete (kind, stream_id, body) tuples."""
+    """Incremental frame parser: feed bytes, get complete (kind, stream_id, body) tuples.
+
+    ``_buf`` holds the bytes of a frame begun but not complete (the server times it).
+    """
 
     __slots__ = ("_buf",)
 

@@ -7,9 +7,11 @@ and free blocks allow, looking up their prompt's cached prefix first, (3) sleeps
 time of the timing model, then (4) marks the scheduled tokens computed, caches blocks that
 became full, and gives every sequence whose prompt is done one new token.
 
-Generated ids are pseudo-random (an LCG per sequence, seeded by ``seed`` or the request
-id), drawn from the vocabulary minus the special ids, so a run is reproducible and EOS is
-never produced: a sequence ends with ``"length"`` at ``max_tokens`` (or at
+Generated ids are pseudo-random: the id at position ``p`` of the sequence is a hash of
+(``seed``, or else the request id, and ``p``), drawn from the vocabulary minus the special
+ids. So a run is reproducible, and a request continued elsewhere with prompt + the tokens
+generated so far (a migrated stream) goes on with exactly the ids it would have produced.
+EOS is never produced: a sequence ends with ``"length"`` at ``max_tokens`` (or at
 ``max-model-len``), or with ``"stop"`` if it draws one of the request's ``stop_token_ids``.
 
 Outputs reach the consumer without a task per token: the loop appends ids to the
@@ -42,8 +44,9 @@ from servegrid.llm.kv_hash import block_hashes, hash_block
 log = logging.getLogger(__name__)
 
 _WAITING, _RUNNING, _DONE = 0, 1, 2
-_LCG_MUL = 6364136223846793005
-_LCG_ADD = 1442695040888963407
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
 _MIN_SLEEP_S = 0.001  # timers below the event loop's millisecond resolution only add jitter
 _MAX_LAG_S = 0.01  # how far the simulated clock may trail real time before it forgets
@@ -407,9 +410,11 @@ class MockerEngine(Engine):
                 self._commit_blocks(seq, computed // bs, stored)
             if computed < len(tokens):
                 continue  # chunked prefill: more prompt next step
-            rng = (seq.rng * _LCG_MUL + _LCG_ADD) & _MASK64
-            seq.rng = rng
-            token = allowed[(rng >> 33) % n_allowed]
+            # splitmix64 of (seed, position): the id depends on nothing a migration changes
+            z = (seq.rng + len(tokens) * _GOLDEN) & _MASK64
+            z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+            z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+            token = allowed[((z ^ (z >> 31)) >> 11) % n_allowed]
             tokens.append(token)
             seq.out.append(token)
             seq.generated += 1

@@ -5,7 +5,7 @@ so what the server costs is the HTTP layer: parse, validate, encode, write. On S
 (or after ``--duration``) it prints the process CPU seconds it spent while serving generation
 requests and the CPU microseconds per request. Load it with ``bench/loadgen.py``::
 
-    python -m servegrid.http.bench_server --port 8901 &
+    python bench/http_only_server.py --port 8901 &
     python bench/loadgen.py --url http://127.0.0.1:8901 --requests 20000 --concurrency 32
     kill -INT %1
 """
@@ -80,7 +80,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="http_only_server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8901)
     p.add_argument("--tokens", type=int, default=32)
