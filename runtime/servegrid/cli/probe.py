@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_UNREACHABLE
     from servegrid.distributed.discovery.etcd import EtcdUnavailableError
+    from servegrid.distributed.errors import SetupError
 
     try:
         discovery, source = described_discovery_from_env()
         entries = asyncio.run(collect(discovery, args.namespace))
-    except (EtcdUnavailableError, ValueError) as error:
+    except (EtcdUnavailableError, SetupError, ValueError) as error:
         print(f"probe: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     here = {e.component for e in entries if e.host == host}

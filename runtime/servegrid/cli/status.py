@@ -17,6 +17,7 @@ import typer
 from servegrid.distributed.backends import described_discovery_from_env
 from servegrid.distributed.discovery.base import KEY_ROOT, Discovery, InstanceInfo, instance_prefix
 from servegrid.distributed.discovery.base import now as wall_clock
+from servegrid.distributed.errors import SetupError
 
 EXIT_UNREACHABLE = 2
 
@@ -101,7 +102,7 @@ def status(
     try:
         discovery, source = described_discovery_from_env()
         entries = asyncio.run(collect(discovery, namespace))
-    except EtcdUnavailableError as error:
+    except (EtcdUnavailableError, SetupError) as error:  # SetupError: an unsafe directory
         print(f"servegrid status: {error}", file=sys.stderr)
         raise typer.Exit(EXIT_UNREACHABLE) from None
     except ValueError as error:  # a malformed ETCD_ENDPOINTS or lease TTL
