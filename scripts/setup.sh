@@ -22,10 +22,13 @@ if command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing system packages: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-  # Debian enables etcd as a service on install where systemd runs; tests start their own.
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
-    $SUDO systemctl disable --now etcd || true
+    # Debian starts etcd as a service when it installs the package; tests start their own. Undo
+    # that only for the etcd this run installed: an etcd the user already ran is theirs.
+    if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null 2>&1 \
+      && systemctl is-active --quiet etcd 2>/dev/null; then
+      echo "setup: stopping the etcd service the etcd-server package just started"
+      $SUDO systemctl disable --now etcd || true
+    fi
   fi
 else
   echo "setup: no apt-get here; install by hand: ${SYSTEM_PACKAGES[*]}" >&2

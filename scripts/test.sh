@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "test: ruff"
 .venv/bin/ruff check runtime tests bench examples stacks
+echo "test: yamllint, ansible-lint (production profile)"
+.venv/bin/yamllint roles playbooks inventories molecule
+.venv/bin/ansible-lint -q --profile production roles/ playbooks/
 # In CI a missing testbed or server binary is a failure, never a silent skip.
 if [ "${CI:-}" = "true" ]; then
   export SERVEGRID_REQUIRE_TESTBED=1

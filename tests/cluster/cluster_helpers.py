@@ -30,7 +30,11 @@ def require_testbed() -> None:
         problems.append(f"ansible not found at {ANSIBLE} (install the dev extra)")
     if not problems:
         return
-    reason = "test nodes unavailable: " + "; ".join(problems)
+    unavailable("test nodes unavailable: " + "; ".join(problems))
+
+
+def unavailable(reason: str) -> None:
+    """Skip for a missing tool, or fail when SERVEGRID_REQUIRE_TESTBED=1 (CI) says it must exist."""
     if os.environ.get("SERVEGRID_REQUIRE_TESTBED") == "1":
         pytest.fail(reason + " (SERVEGRID_REQUIRE_TESTBED=1 makes this an error)", pytrace=False)
     pytest.skip(reason)

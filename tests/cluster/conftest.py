@@ -1,5 +1,7 @@
 """Fixtures for cluster tests: real systemd-nspawn test nodes (tests/testbed), reached over SSH.
 
+`wheelhouse` (session scope) builds servegrid and all its dependencies as wheels once, with
+scripts/build-wheelhouse.sh, for the tests that install onto offline nodes.
 `testbed_nodes` (session scope) brings up SERVEGRID_TESTBED_NODES nodes (default 3) once for the
 whole session and tears them down at its end, failed or not. Without root or the testbed's
 Debian packages the tests skip with the reason, or fail when SERVEGRID_REQUIRE_TESTBED=1 (CI).
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster_helpers import require_testbed, run_ansible  # also puts the repo root on sys.path
+from cluster_helpers import REPO, require_testbed, run_ansible  # puts the repo root on sys.path
 from tests.testbed import Testbed, TestbedConfig, UpResult
 
 
@@ -40,3 +42,19 @@ def testbed_nodes() -> Iterator[Cluster]:
         yield Cluster(bed, bed.up(count))
     finally:
         bed.down()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """servegrid and every dependency as wheels: what an air-gapped node installs from."""
+    require_testbed()
+    directory = tmp_path_factory.mktemp("wheelhouse")
+    built = subprocess.run(
+        ["bash", str(REPO / "scripts/build-wheelhouse.sh"), str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    return directory
