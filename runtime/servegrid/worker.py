@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m servegrid.worker [--engine mocker|echo] [--model DIR]
+USAGE = """usage: python -m servegrid.worker [--engine mocker|echo|torch|vllm] [--model DIR]
        [--block-size 16] [--max-model-len N] [--speedup-ratio R] [--namespace NS]
 Any other --key VALUE is the Worker config key of that name (see configs/agg.yaml)."""
 

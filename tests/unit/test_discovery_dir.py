@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +84,47 @@ async def test_an_own_directory_readable_by_others_is_tightened_not_refused(tmp_
     await discovery.start()
     await discovery.close()
     assert _mode(directory) == 0o700
+
+
+def _status(directory: Path) -> subprocess.CompletedProcess:
+    """The real CLI, ``servegrid status --json``, reading ``directory``."""
+    environment = {k: v for k, v in os.environ.items() if k != env.ETCD_ENDPOINTS}
+    environment[env.SERVEGRID_DISCOVERY_DIR] = str(directory)
+    return subprocess.run(
+        [sys.executable, "-m", "servegrid.cli", "status", "--json"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_status_reads_only_a_directory_the_runtime_would_trust(tmp_path):
+    """``servegrid status`` shows what clients would route to: it applies the runtime's
+    check, so a directory others may write to is refused, not listed."""
+    directory = tmp_path / "discovery"
+    discovery = FileDiscovery(directory)  # a live entry (its lease is held by this process)
+    await discovery.register(_info())
+    try:
+        trusted = _status(directory)
+        assert trusted.returncode == 0, trusted.stderr
+        assert [e["instance_id"] for e in json.loads(trusted.stdout)] == ["5"]
+
+        directory.chmod(0o777)  # as another user's pre-created /tmp directory would be
+        refused = _status(directory)
+        assert refused.returncode == 2
+        assert refused.stdout == ""  # nothing listed
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in refused.stderr
+        assert "writable by other users" in lines[0] and env.SERVEGRID_DISCOVERY_DIR in lines[0]
+        assert _mode(directory) == 0o777  # a reader changes nothing
+    finally:
+        directory.chmod(0o700)
+        await discovery.close()
+
+
+def test_status_of_a_directory_not_made_yet_lists_nothing_and_creates_nothing(tmp_path):
+    result = _status(tmp_path / "not-yet")
+    assert (result.returncode, json.loads(result.stdout)) == (0, [])
+    assert not (tmp_path / "not-yet").exists()

@@ -7,6 +7,8 @@ Frontend service (the backend boundary is the contract under test, not a mock of
 from __future__ import annotations
 
 import asyncio
+import re
+from itertools import pairwise
 
 import httpx
 import openai
@@ -18,6 +20,7 @@ from servegrid.http import (
     NoWorkersError,
     OpenAIHttpServer,
 )
+from servegrid.http.openai_app import _RequestIds
 from servegrid.llm.protocol import GenerateChunk, TextRequest
 
 MODEL = "tiny"
@@ -119,6 +122,28 @@ async def test_chat_completion_returns_text_and_usage(client, frontend):
     sent = frontend.requests[-1]
     assert sent.kind == "chat" and sent.max_tokens == 5
     assert sent.messages == [{"role": "user", "content": "hello there"}]
+
+
+async def test_request_ids_are_unambiguous_and_neighbours_look_different(client, frontend):
+    """Ids show up in logs next to each other: each has fixed-width parts split by a dash,
+    and consecutive ones differ in nearly every digit, not only in the last."""
+    first = await client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    second = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
+    pattern = re.compile(r"^(cmpl|chatcmpl)-([0-9a-f]{12})-([0-9a-f]{16})$")
+    ids = [first.id, second.id]
+    assert [frontend.requests[-2].request_id, frontend.requests[-1].request_id] == ids
+    (kind_a, process_a, seq_a), (kind_b, process_b, seq_b) = (
+        pattern.fullmatch(i).groups() for i in ids
+    )
+    assert (kind_a, kind_b) == ("cmpl", "chatcmpl") and process_a == process_b
+    assert sum(a != b for a, b in zip(seq_a, seq_b, strict=True)) >= 8
+
+    ids = _RequestIds()  # unique over many, and each neighbour pair far apart
+    many = [ids.next("completion") for _ in range(20000)]
+    assert len(set(many)) == len(many)
+    tails = [i.rsplit("-", 1)[1] for i in many]
+    differing = [sum(a != b for a, b in zip(x, y, strict=True)) for x, y in pairwise(tails)]
+    assert min(differing) >= 8
 
 
 async def test_chat_request_fields_reach_the_backend(client, frontend):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -216,35 +217,92 @@ async def test_a_connection_that_never_sends_is_closed_after_the_keepalive_timeo
         await server.stop(timeout_s=1)
 
 
-async def test_connections_over_the_cap_get_503_and_the_others_keep_working(frontend):
+async def test_connections_over_the_cap_get_503_when_every_connection_is_busy(frontend):
     server = await serving(frontend, max_connections=2)
     held = [await connect(server) for _ in range(2)]
     try:
-        for reader, writer in held:  # both admitted and served
-            writer.write(HEALTH)
-            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        for _, writer in held:  # both admitted, each with a request under way
+            writer.write(completion_request(prompt="wait"))
+        for _ in range(500):
+            if server.metrics.inflight.value == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert server.metrics.inflight.value == 2
         reader, writer = await connect(server)
         status, headers, body = await asyncio.wait_for(read_response(reader), 5)
         assert status == 503 and json.loads(body)["error"]["code"] == "too_many_connections"
         assert headers["connection"] == "close" and await closes(reader)
         writer.close()
         assert server.metrics.refused_connections.get() == 1
-        reader, writer = held.pop()
-        writer.write(HEALTH)  # the admitted ones still work
-        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
-        writer.close()
-        assert await closes(reader)
-        for _ in range(500):  # its slot frees once the server sees the close
-            if server.connection_count < 2:
-                break
-            await asyncio.sleep(0.01)
-        reader, writer = await connect(server)
-        held.append((reader, writer))
-        writer.write(HEALTH)
-        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        assert server.metrics.evicted_connections.get() == 0  # nothing idle to make room
+        frontend.release.set()  # the busy ones were not disturbed: both are answered
+        for reader, _ in held:
+            status, _, body = await asyncio.wait_for(read_response(reader), 5)
+            assert status == 200 and b"released" in body
     finally:
         for _, writer in held:
             writer.close()
+        await server.stop(timeout_s=1)
+
+
+async def test_at_the_cap_the_longest_idle_connection_makes_room_for_health(frontend):
+    """A flood of idle keep-alive connections must not lock /health out until they time out."""
+    cap = 6
+    server = await serving(frontend, max_connections=cap, keepalive_timeout_s=600)
+    held = []
+    try:
+        for _ in range(cap):  # cap keep-alive connections, each served once, then idle
+            reader, writer = await connect(server)
+            held.append((reader, writer))
+            writer.write(HEALTH)
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        busy_reader, busy_writer = held[1]
+        busy_writer.write(completion_request(prompt="wait"))  # not idle: never evicted
+        await asyncio.wait_for(frontend.started.wait(), 5)
+        assert server.connection_count == cap
+
+        for round_ in range(2):  # each new connection takes the slot of the longest idle
+            reader, writer = await connect(server)
+            held.append((reader, writer))
+            writer.write(HEALTH)
+            status, _, body = await asyncio.wait_for(read_response(reader), 5)
+            assert (status, json.loads(body)["status"]) == (200, "ok")
+            assert server.metrics.evicted_connections.get() == round_ + 1
+        assert server.metrics.refused_connections.get() == 0
+        assert await closes(held[0][0]) and await closes(held[2][0])  # the two longest idle
+        assert server.connection_count == cap
+
+        frontend.release.set()  # the busy one is answered on its own connection
+        status, _, body = await asyncio.wait_for(read_response(busy_reader), 5)
+        assert status == 200 and b"released" in body
+        for reader, writer in held[3:]:  # the other idle ones still serve
+            writer.write(HEALTH)
+            assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+    finally:
+        for _, writer in held:
+            writer.close()
+        await server.stop(timeout_s=1)
+
+
+async def test_a_client_that_never_reads_its_stream_is_cut_and_its_request_cancelled(frontend):
+    server = await serving(frontend, write_timeout_s=0.3)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once, no autotuning
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(completion_request(prompt="flood", stream=True))  # and never read
+        await asyncio.wait_for(frontend.closed.wait(), 30)  # the backend stream was closed
+        metrics = server.metrics
+        assert metrics.write_timeouts.get() == 1
+        assert frontend.produced < 800  # cut while paused, not after generating everything
+        assert metrics.inflight.value == 0
+        assert metrics.requests.get(("/v1/completions", "499")) == 1
+        assert b"servegrid_frontend_write_timeouts_total 1" in metrics.render()
+        assert server.connection_count == 0
+    finally:
+        writer.close()
         await server.stop(timeout_s=1)
 
 

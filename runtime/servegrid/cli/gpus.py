@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 
-CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+from servegrid.distributed.env import CUDA_VISIBLE_DEVICES
 
 
 def detect_gpu_count() -> int:

@@ -14,8 +14,9 @@ import asyncio
 import os
 import sys
 
-from servegrid.cli.status import EXIT_UNREACHABLE, _discovery_from_env, collect
+from servegrid.cli.status import EXIT_UNREACHABLE, collect
 from servegrid.distributed import env
+from servegrid.distributed.backends import described_discovery_from_env
 
 EXIT_MISSING = 1
 
@@ -39,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_UNREACHABLE
     from servegrid.distributed.discovery.etcd import EtcdUnavailableError
+    from servegrid.distributed.errors import SetupError
 
     try:
-        discovery, source = _discovery_from_env()
+        discovery, source = described_discovery_from_env()
         entries = asyncio.run(collect(discovery, args.namespace))
-    except (EtcdUnavailableError, ValueError) as error:
+    except (EtcdUnavailableError, SetupError, ValueError) as error:
         print(f"probe: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     here = {e.component for e in entries if e.host == host}

@@ -110,7 +110,7 @@ def process_specs(
             print(f"[servegrid] warning: {warning}", file=sys.stderr)
         for spec in specs:
             if spec.label in devices:
-                spec.env[gpus.CUDA_VISIBLE_DEVICES] = devices[spec.label]
+                spec.env[env.CUDA_VISIBLE_DEVICES] = devices[spec.label]
     return specs
 
 
@@ -171,6 +171,7 @@ def check_cluster_secret() -> None:
 
     try:
         require_secret_for_bind(bind_host(), load_cluster_secret() is not None)
+        env.max_streams_per_connection()  # a bad value: refused here, not by every service
     except SetupError as error:
         raise UserError(str(error)) from None
 

@@ -14,24 +14,12 @@ from typing import Annotated
 
 import typer
 
-from servegrid.distributed import env
+from servegrid.distributed.backends import described_discovery_from_env
 from servegrid.distributed.discovery.base import KEY_ROOT, Discovery, InstanceInfo, instance_prefix
 from servegrid.distributed.discovery.base import now as wall_clock
+from servegrid.distributed.errors import SetupError
 
 EXIT_UNREACHABLE = 2
-
-
-def _discovery_from_env() -> tuple[Discovery, str]:
-    """The backend and a short description of where it looks."""
-    endpoints = env.etcd_endpoints()
-    if endpoints:
-        from servegrid.distributed.discovery.etcd import EtcdDiscovery
-
-        return EtcdDiscovery(endpoints), "etcd " + ",".join(endpoints)
-    from servegrid.distributed.discovery.file import FileDiscovery
-
-    directory = env.discovery_dir()
-    return FileDiscovery(directory), f"file {directory}"
 
 
 async def collect(discovery: Discovery, namespace: str | None) -> list[InstanceInfo]:
@@ -112,9 +100,9 @@ def status(
     from servegrid.distributed.discovery.etcd import EtcdUnavailableError
 
     try:
-        discovery, source = _discovery_from_env()
+        discovery, source = described_discovery_from_env()
         entries = asyncio.run(collect(discovery, namespace))
-    except EtcdUnavailableError as error:
+    except (EtcdUnavailableError, SetupError) as error:  # SetupError: an unsafe directory
         print(f"servegrid status: {error}", file=sys.stderr)
         raise typer.Exit(EXIT_UNREACHABLE) from None
     except ValueError as error:  # a malformed ETCD_ENDPOINTS or lease TTL

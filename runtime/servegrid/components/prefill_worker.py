@@ -45,7 +45,6 @@ from servegrid.sdk.service import address, spec_of
 log = logging.getLogger(__name__)
 
 HISTORY = 1000  # handled items kept for the status endpoint
-DRAIN_S = 10.0  # on shutdown, how long in-flight prefills may take to finish
 
 
 class HandledPrefill(msgspec.Struct):
@@ -115,9 +114,9 @@ class PrefillWorker:
 
     @async_on_shutdown
     async def stop_pulling(self) -> None:
+        # The drain hook already gave in-flight prefills drain-timeout to finish; what is still
+        # running now is cut, and its unacked queue item is redelivered to another worker.
         await self._stop_pulling()
-        if self._tasks:  # finish what was taken; what is not acked is redelivered anyway
-            await asyncio.wait(self._tasks, timeout=DRAIN_S)
         for task in self._tasks:
             task.cancel()
         await self.engine.stop()

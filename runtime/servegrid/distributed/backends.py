@@ -13,19 +13,22 @@ from servegrid.distributed import env
 from servegrid.distributed.discovery.base import Discovery
 
 
-def parse_endpoints(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
 def discovery_from_env() -> Discovery:
-    endpoints = os.environ.get(env.ETCD_ENDPOINTS, "")
+    """The discovery backend the environment selects (services, ``servegrid status``...)."""
+    return described_discovery_from_env()[0]
+
+
+def described_discovery_from_env() -> tuple[Discovery, str]:
+    """The backend, and where it looks (``etcd URL,...`` or ``file DIR``) for messages."""
+    endpoints = env.etcd_endpoints()
     if endpoints:
         from servegrid.distributed.discovery.etcd import EtcdDiscovery
 
-        return EtcdDiscovery(parse_endpoints(endpoints), ttl=env.lease_ttl())
+        return EtcdDiscovery(endpoints, ttl=env.lease_ttl()), "etcd " + ",".join(endpoints)
     from servegrid.distributed.discovery.file import FileDiscovery
 
-    return FileDiscovery(env.discovery_dir())
+    directory = env.discovery_dir()
+    return FileDiscovery(directory), f"file {directory}"
 
 
 def nats_url_from_env() -> str | None:

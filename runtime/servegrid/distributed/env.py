@@ -27,6 +27,9 @@ SERVEGRID_NAMESPACE = "SERVEGRID_NAMESPACE"
 # request-plane listener binds a non-loopback address; NATS then authenticates with it too.
 SERVEGRID_CLUSTER_SECRET_FILE = "SERVEGRID_CLUSTER_SECRET_FILE"
 SERVEGRID_CLUSTER_SECRET = "SERVEGRID_CLUSTER_SECRET"
+# Streams one request-plane connection may have open at once on a server (a positive integer);
+# a request over it is answered with an error frame, the connection stays up.
+SERVEGRID_MAX_STREAMS_PER_CONNECTION = "SERVEGRID_MAX_STREAMS_PER_CONNECTION"
 
 # Set by `servegrid serve` for the processes it starts.
 SERVEGRID_SERVICE_CONFIG = "SERVEGRID_SERVICE_CONFIG"
@@ -38,8 +41,14 @@ SERVEGRID_WORKING_DIR = "SERVEGRID_WORKING_DIR"
 SERVEGRID_HOME = "SERVEGRID_HOME"
 # Log level of service processes (DEBUG, INFO, WARNING...).
 SERVEGRID_LOG_LEVEL = "SERVEGRID_LOG_LEVEL"
+# The GPUs a process may use (CUDA's own variable): `servegrid serve` sets it per process
+# (cli/gpus.py) unless the user did; the vLLM engine counts it for tensor parallelism.
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 DEFAULT_LEASE_TTL = 10.0
+# Far above what one caller has in flight to one worker (a frontend's connection cap is 2048),
+# low enough that a buggy or hostile peer cannot start unbounded generations on one connection.
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 4096
 
 
 def etcd_endpoints() -> list[str]:
@@ -67,6 +76,27 @@ def lease_ttl() -> float:
     if ttl <= 0:
         raise ValueError(f"{SERVEGRID_LEASE_TTL}={raw!r} must be positive, e.g. 10")
     return ttl
+
+
+def max_streams_per_connection() -> int:
+    """``SERVEGRID_MAX_STREAMS_PER_CONNECTION``, or the default; a bad value is a ``SetupError``
+    (entry points print it as one line)."""
+    name = SERVEGRID_MAX_STREAMS_PER_CONNECTION
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return DEFAULT_MAX_STREAMS_PER_CONNECTION
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        from servegrid.distributed.errors import SetupError
+
+        raise SetupError(
+            f"{name}={raw!r} is not a positive integer; set it to the streams one connection "
+            f"may have open at once, e.g. {DEFAULT_MAX_STREAMS_PER_CONNECTION}"
+        )
+    return value
 
 
 def explicit_namespace() -> str | None:

@@ -59,6 +59,25 @@ def ensure_private_dir(path: Path, what: str, how_to_choose: str) -> Path:
             directory.mkdir(mode=PRIVATE_DIR_MODE)
         except FileExistsError:
             pass  # another process of ours made it meanwhile: checked below
+    _check_dir(path, what, how_to_choose)
+    if stat.S_IMODE(path.lstat().st_mode) != PRIVATE_DIR_MODE:
+        os.chmod(path, PRIVATE_DIR_MODE)  # ours and not writable by others: just tighten it
+    return path
+
+
+def check_private_dir(path: Path, what: str, how_to_choose: str) -> bool:
+    """The check of ``ensure_private_dir`` for a reader, which creates and changes nothing:
+    raises ``UnsafePathError`` for a directory (or an ancestor) that another user owns or may
+    write to; returns False when ``path`` does not exist (nothing there to trust or read)."""
+    path = Path(path).absolute()
+    _check_ancestors(path, what)
+    if not os.path.lexists(path):
+        return False
+    _check_dir(path, what, how_to_choose)
+    return True
+
+
+def _check_dir(path: Path, what: str, how_to_choose: str) -> None:
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise UnsafePathError(
@@ -74,9 +93,6 @@ def ensure_private_dir(path: Path, what: str, how_to_choose: str) -> Path:
             f"{what} {path} is writable by other users ({_describe(st)}); anything written "
             f"there could redirect requests. Remove it or `chmod 700 {path}`; or {how_to_choose}"
         )
-    if stat.S_IMODE(st.st_mode) != PRIVATE_DIR_MODE:
-        os.chmod(path, PRIVATE_DIR_MODE)  # ours and not writable by others: just tighten it
-    return path
 
 
 def check_private_file(path: Path, what: str) -> None:

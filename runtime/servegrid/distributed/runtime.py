@@ -58,7 +58,9 @@ class DistributedRuntime:
         self.advertise_host = advertise_host
         # Other listeners of this process (the KV transfer path) authenticate with it too.
         self.cluster_secret = cluster_secret
-        self.server = RequestPlaneServer(bind_host, 0, secret=cluster_secret)
+        self.server = RequestPlaneServer(
+            bind_host, 0, secret=cluster_secret, max_streams=env.max_streams_per_connection()
+        )
         self.pool = ConnectionPool(secret=cluster_secret)
         self.nats_url = nats_url
         self._registered: list[InstanceInfo] = []

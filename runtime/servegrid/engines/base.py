@@ -62,7 +62,7 @@ KvEventSink = Callable[[KvEvent], None]
 
 
 class Engine(abc.ABC):
-    """A token generator. Implementations: mocker, echo (torch and vllm come later)."""
+    """A token generator. Implementations: mocker, echo, torch, vllm (``engines/registry.py``)."""
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -3,10 +3,12 @@
 What a client may send is bounded (``HttpLimits``): the request target (414), the request
 line and headers together (431; counted from httptools' callbacks and from the bytes it still
 holds), the body (413), and the time to send a request's headers and body (408, enforced by
-the server's sweep through ``check_timeouts``). Whatever httptools refuses (Content-Length
-with Transfer-Encoding, duplicate or bad Content-Length, bad chunk sizes, bad header syntax)
-is a 400; every refusal closes the connection after the requests parsed before it are
-answered, so nothing after a malformed request is ever interpreted as a request of its own.
+the server's sweep through ``check_timeouts``), and the time a response may stay unread
+(``write-timeout-s``: then the connection is closed and its request cancelled). Whatever
+httptools refuses (Content-Length with Transfer-Encoding, duplicate or bad Content-Length,
+bad chunk sizes, bad header syntax) is a 400; every refusal closes the connection after the
+requests parsed before it are answered, so nothing after a malformed request is ever
+interpreted as a request of its own.
 
 Requests on one connection are answered strictly in arrival order (pipelining-safe): parsed
 requests wait in a queue while the one ahead is served, and reading pauses when the queue grows.
@@ -171,6 +173,7 @@ class HttpConnection(asyncio.Protocol):
         self._out_size = 0  # bytes of streamed pieces waiting in _out
         self._flush_scheduled = False
         self._write_paused = False
+        self._write_paused_since = 0.0  # monotonic time writing stalled; 0.0 while it flows
         self._drain_waiter: asyncio.Future | None = None
         self._chunked = True
         self.closed = False
@@ -228,9 +231,11 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_since = time.monotonic()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._write_paused_since = 0.0
         self._wake_drain()
 
     # -- httptools callbacks ---------------------------------------------------------------------
@@ -345,7 +350,17 @@ class HttpConnection(asyncio.Protocol):
         self._pump()
 
     def check_timeouts(self, now: float) -> None:
-        """Called by the server's sweep: close idle connections, time out slow requests."""
+        """Called by the server's sweep: close idle connections, time out slow requests and
+        clients that stopped reading their response."""
+        paused_since = self._write_paused_since
+        if paused_since and now - paused_since > self._limits.write_timeout_s:
+            # The client takes nothing: the stream would wait in drain() forever, holding the
+            # worker's sequence. Abort (a graceful close would wait on the unread bytes too);
+            # connection_lost cancels the request, which closes the backend stream.
+            self._write_paused_since = 0.0
+            self._server._write_timed_out(self, now - paused_since)
+            self.abort()
+            return
         if self._closing or self._reading_paused:
             return  # paused reading is our backpressure, not the client's slowness
         if self.busy:
@@ -456,6 +471,21 @@ class HttpConnection(asyncio.Protocol):
         self._queue.clear()
         if self._current is None:
             self._close()
+
+    def evict(self) -> None:
+        """Closed to make room for a new connection: only ever an idle one (``idle``)."""
+        self._stop_reading = True
+        self._close()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests (or before the first): closing it loses no work."""
+        return (
+            self._phase == IDLE
+            and self._current is None
+            and not self._queue
+            and not (self._closing)
+        )
 
     def abort(self) -> None:
         if self._transport is not None:

@@ -20,7 +20,9 @@ class HttpLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_connections: Annotated[int, Field(ge=1)] = 2048
-    """Open client connections; one more is answered 503 and closed at once."""
+    """Open client connections. At the cap a new connection closes the longest-idle one (no
+    request under way) to take its place; when every connection is busy it is answered 503 and
+    closed at once."""
 
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     """An idle connection (no request under way, including a new one) is closed after this."""
@@ -30,6 +32,11 @@ class HttpLimits(BaseModel):
 
     body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     """From the end of the headers to the end of the body; then 408 and close."""
+
+    write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """A client that does not read its response: from when writing to it stalls (its socket
+    and our buffer are full) until it reads again. Past this the connection is closed and the
+    request cancelled, so the worker frees its sequence."""
 
     max_url_bytes: Annotated[int, Field(ge=64)] = 8 * KiB
     """Request target (path and query); longer is 414."""

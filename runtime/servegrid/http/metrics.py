@@ -117,6 +117,15 @@ class FrontendMetrics:
         self.refused_connections = Counter(
             "refused_connections_total", "Connections answered 503 at the max-connections cap."
         )
+        self.evicted_connections = Counter(
+            "evicted_idle_connections_total",
+            "Idle keep-alive connections closed at the max-connections cap to admit a new one.",
+        )
+        self.write_timeouts = Counter(
+            "write_timeouts_total",
+            "Connections closed (their request cancelled) because the client read nothing of "
+            "its response for write-timeout-s.",
+        )
         self.output_tokens = Counter("output_tokens_total", "Completion tokens sent to clients.")
         self.input_tokens = Counter("input_tokens_total", "Prompt tokens of served requests.")
         self.ttft = Histogram(
@@ -155,6 +164,8 @@ class FrontendMetrics:
         for metric in (
             self.requests,
             self.refused_connections,
+            self.evicted_connections,
+            self.write_timeouts,
             self.inflight,
             self.input_tokens,
             self.output_tokens,

@@ -64,15 +64,27 @@ class OpenAIBackend(Protocol):
         ...
 
 
+# An odd multiplier is a bijection modulo 2**64: distinct counters give distinct ids.
+_ID_MIX = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: spreads neighbours far apart
+_ID_MASK = (1 << 64) - 1
+
+
 class _RequestIds:
-    """Unique ids without uuid4's cost: a random per-process prefix and a counter."""
+    """Unique ids without uuid4's cost: ``cmpl-<process>-<sequence>``.
+
+    ``<process>`` is random per process (12 hex digits); ``<sequence>`` is a counter scrambled
+    by a bijection into 16 fixed-width hex digits. Consecutive ids then differ in nearly every
+    digit rather than only the last one, so two requests are not confused when read in a log,
+    and the fixed widths and the separator leave no doubt where each part ends.
+    """
 
     def __init__(self) -> None:
         self._prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
 
     def next(self, kind: str) -> str:
-        return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{self._prefix}{next(self._counter):x}"
+        sequence = (next(self._counter) * _ID_MIX) & _ID_MASK
+        return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{self._prefix}-{sequence:016x}"
 
 
 class _Tally:

@@ -134,10 +134,24 @@ class OpenAIHttpServer:
 
     # -- bookkeeping, called by connections -----------------------------------------------------
     def _connection_opened(self, conn: HttpConnection) -> bool:
-        """Admit a new connection; False means it is over the cap and must be refused."""
+        """Admit a new connection; False means it is over the cap and must be refused.
+
+        At the cap the longest-idle connection (no request under way) is closed to make
+        room: otherwise a flood of idle keep-alive connections would hold every slot, and
+        /health with them, until they time out. Only when every connection is busy is the
+        new one refused. The scan happens only at the cap, never on the request path.
+        """
         if len(self._connections) >= self.max_connections:
-            self.metrics.refused_connections.inc()
-            return False
+            victim: HttpConnection | None = None
+            for candidate in self._connections:
+                if candidate.idle and (victim is None or candidate.idle_since < victim.idle_since):
+                    victim = candidate
+            if victim is None:
+                self.metrics.refused_connections.inc()
+                return False
+            self._connections.discard(victim)  # its descriptor goes as soon as it closes
+            self.metrics.evicted_connections.inc()
+            victim.evict()
         self._connections.add(conn)
         if self._all_closed is not None:  # accepted just before close(): serve nothing more
             conn.shutdown()
@@ -148,6 +162,15 @@ class OpenAIHttpServer:
         if self._all_closed is not None and not self._connections:
             self._all_closed.set()
 
+    def _write_timed_out(self, conn: HttpConnection, stalled_s: float) -> None:
+        self.metrics.write_timeouts.inc()
+        log.info(
+            "closing a client connection: it read none of its response for %.0f s "
+            "(write-timeout-s %g); its request is cancelled",
+            stalled_s,
+            self.limits.write_timeout_s,
+        )
+
     def _count_rejected(self, status: int) -> None:
         self.metrics.requests.inc(("other", str(status)))
 
@@ -155,7 +178,12 @@ class OpenAIHttpServer:
         # A timeout fires up to a quarter of itself late: one sweep costs less than a timer
         # per request.
         limits = self.limits
-        shortest = min(limits.keepalive_timeout_s, limits.header_timeout_s, limits.body_timeout_s)
+        shortest = min(
+            limits.keepalive_timeout_s,
+            limits.header_timeout_s,
+            limits.body_timeout_s,
+            limits.write_timeout_s,
+        )
         period = max(0.05, min(1.0, shortest / 4))
         while True:
             await asyncio.sleep(period)

@@ -128,11 +128,6 @@ class EtcdDiscovery(Discovery):
         self._keepalive_task: asyncio.Task[None] | None = None
         self._closed = False
 
-    @classmethod
-    def from_env(cls) -> EtcdDiscovery:
-        """From ``ETCD_ENDPOINTS`` and ``SERVEGRID_LEASE_TTL``."""
-        return cls(env.etcd_endpoints())
-
     @property
     def endpoints_text(self) -> str:
         return ",".join(f"{host}:{port}" for host, port in self._endpoints)

@@ -12,7 +12,8 @@ little and needs no daemon.
 
 Whatever is written here becomes a worker that receives users' prompts, so the directory must
 be this user's alone: it is created 0700 (parents too), one that another user owns or may
-write to is refused (``private_dir.py``), and entries and leases are written 0600.
+write to is refused (``private_dir.py``), and entries and leases are written 0600. A reader
+that never registers (``servegrid status``, the probe) applies the same check before it reads.
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ from servegrid.distributed.discovery.base import (
 from servegrid.distributed.private_dir import (
     PRIVATE_DIR_MODE,
     PRIVATE_FILE_MODE,
+    check_private_dir,
     ensure_private_dir,
     write_private_file,
 )
 
 POLL_INTERVAL = 0.2
+WHAT = "the discovery directory"
+HOW_TO_CHOOSE = f"set {env.SERVEGRID_DISCOVERY_DIR} to a directory of your own"
 
 
 def _lease_alive(lease_path: Path) -> bool:
@@ -68,6 +72,7 @@ class FileDiscovery(Discovery):
         self.lease_id = secrets.randbits(63)
         self._lease_fd: int | None = None
         self._owned: dict[str, InstanceInfo] = {}
+        self._trusted = False  # the directory passed the ownership and mode check
 
     @property
     def _lease_path(self) -> Path:
@@ -76,8 +81,8 @@ class FileDiscovery(Discovery):
     async def start(self) -> None:
         if self._lease_fd is not None:
             return
-        how = f"set {env.SERVEGRID_DISCOVERY_DIR} to a directory of your own"
-        ensure_private_dir(self.directory, "the discovery directory", how)
+        ensure_private_dir(self.directory, WHAT, HOW_TO_CHOOSE)
+        self._trusted = True
         self._keys.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         self._leases.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         # Lock a temp file, then rename it into place: a reader never sees an unlocked lease.
@@ -108,6 +113,9 @@ class FileDiscovery(Discovery):
 
     def _scan(self, prefix: str) -> dict[str, InstanceInfo]:
         """Live entries under prefix; entries of dead leases are deleted on the way."""
+        if not self._trusted:
+            # A reader that never started: the same check as start(), without creating.
+            self._trusted = check_private_dir(self.directory, WHAT, HOW_TO_CHOOSE)
         root = self._path_for(prefix.rstrip("/"))
         found: dict[str, InstanceInfo] = {}
         if not root.exists():

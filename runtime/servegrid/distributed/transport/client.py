@@ -8,6 +8,12 @@ stops the work.
 A connection is usable once the handshake of ``handshake.py`` has succeeded: ``connect``
 raises ``AuthenticationError`` (saying what to set) when the two processes do not share the
 cluster secret.
+
+Passing the handshake proves membership, not correctness: what the client holds for a server
+is bounded as the server bounds its clients. A frame body over ``MAX_FRAME_BODY``, a frame kind
+a server never sends, a body that does not decode, or a frame begun and not completed within
+``read_timeout`` (checked by the pool's sweep) closes the connection, and its streams fail
+with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import logging
 import socket
 from collections import deque
 from typing import Any
+
+import msgspec
 
 from servegrid.distributed.errors import (
     AuthenticationError,
@@ -33,6 +41,7 @@ from servegrid.distributed.transport.frames import (
     END,
     ERROR,
     LAST,
+    READ_TIMEOUT,
     REQUEST,
     CoalescingWriter,
     FrameError,
@@ -150,6 +159,8 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self._connecting: asyncio.Future | None = None
+        # When the frame still incomplete began to arrive (loop time); 0.0 when none is.
+        self._partial_since = 0.0
         self.closed = False
         # The instance left discovery (it is draining): close once its last stream ends.
         self.retired = False
@@ -236,38 +247,67 @@ class Connection(CoalescingWriter, asyncio.Protocol):
             data = self._handshake_received(data)
             if not data:
                 return
+        reader = self._reader
         try:
-            frames = self._reader.feed(data)
+            frames = reader.feed(data)
         except FrameError as exc:
-            self._transport.close()  # type: ignore[union-attr]
-            self.connection_lost(exc)
+            self._broken(str(exc))
             return
+        if reader._buf:  # a frame is still incomplete: the pool's sweep times it
+            if frames or not self._partial_since:
+                self._partial_since = self._loop.time()
+        elif self._partial_since:
+            self._partial_since = 0.0
         streams = self._streams
-        for kind, stream_id, body in frames:
-            stream = streams.get(stream_id)
-            if stream is None:
-                continue  # cancelled by us; late frames are dropped
-            if kind == DATA:
-                stream._push(decode_payload(body))
-                continue
-            del streams[stream_id]
-            if kind == LAST:
-                stream._push(decode_payload(body))
-                stream._push(_END)
-            elif kind == END:
-                stream._push(_END)
-            elif kind == ERROR:
-                code, message = decode_payload(body)
-                error = (
-                    EndpointNotFoundError(message)
-                    if code == "endpoint_not_found"
-                    else from_remote(code, message) or RemoteError(code, message)
-                )
-                stream._fail(error)
+        try:
+            for kind, stream_id, body in frames:
+                stream = streams.get(stream_id)
+                if stream is None:
+                    continue  # cancelled by us; late frames are dropped
+                if kind == DATA:
+                    stream._push(decode_payload(body))
+                    continue
+                if kind == LAST:
+                    stream._push(decode_payload(body))
+                    stream._push(_END)
+                elif kind == END:
+                    stream._push(_END)
+                elif kind == ERROR:
+                    code, message = decode_payload(body)
+                    error = (
+                        EndpointNotFoundError(message)
+                        if code == "endpoint_not_found"
+                        else from_remote(code, message) or RemoteError(code, message)
+                    )
+                    stream._fail(error)
+                else:
+                    self._broken(f"it sent frame kind {kind}, which a server never sends")
+                    return
+                del streams[stream_id]
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            self._broken(f"it sent a frame body that does not decode ({exc})")
+            return
         if self.retired and not streams:
             self.close()
 
+    def _broken(self, reason: str) -> None:
+        """The server broke the protocol: drop the connection, fail its streams with why."""
+        log.warning(
+            "closing the request-plane connection to %s:%d: %s", self.host, self.port, reason
+        )
+        raw = self._raw
+        if raw is not None:
+            raw.abort()
+        self._lost(f"connection to {self.host}:{self.port} closed: {reason}")
+
+    def _read_timed_out(self, waited: float) -> None:
+        self._partial_since = 0.0
+        self._broken(f"a frame begun {waited:.0f}s ago is still incomplete")
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(f"connection to {self.host}:{self.port} lost")
+
+    def _lost(self, reason: str) -> None:
         self.closed = True
         self._transport = None
         self._raw = None
@@ -278,9 +318,9 @@ class Connection(CoalescingWriter, asyncio.Protocol):
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             if stream.received_any or stream._items:
-                stream._fail(ConnectionLostError(f"connection to {self.host}:{self.port} lost"))
+                stream._fail(ConnectionLostError(reason))
             else:
-                stream._fail(InstanceUnavailableError(self.instance_id, "connection lost"))
+                stream._fail(InstanceUnavailableError(self.instance_id, reason))
 
     # -- requests --------------------------------------------------------------------------
     def call(self, endpoint: str, payload: Any, response_type: Any = None) -> ResponseStream:
@@ -322,17 +362,41 @@ class ConnectionPool:
     """Connections by instance id, reopened on demand after a failure.
 
     ``secret``: the cluster secret each connection proves in its handshake (None: none).
+    ``read_timeout``: seconds a server has to complete a frame it has begun to send; one
+    sweep over the pool's connections, while it has any, enforces it (cheaper than a timer
+    per frame).
     """
 
-    def __init__(self, secret: str | None = None) -> None:
+    def __init__(self, secret: str | None = None, read_timeout: float = READ_TIMEOUT) -> None:
         self._conns: dict[int, Connection] = {}
+        # Retired connections still carry streams: the sweep watches them until they close.
+        self._retired: set[Connection] = set()
         self._secret = secret.encode("ascii") if secret is not None else None
+        self.read_timeout = read_timeout
+        self.read_timeouts = 0  # connections closed for a frame left incomplete
+        self._sweeper: asyncio.Task | None = None
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, self.read_timeout / 4)
+        while self._conns or self._retired:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            self._retired = {conn for conn in self._retired if not conn.closed}
+            for conn in [*self._conns.values(), *self._retired]:
+                since = conn._partial_since
+                if since and now - since > self.read_timeout:
+                    self.read_timeouts += 1
+                    conn._read_timed_out(now - since)
+        self._sweeper = None
 
     async def get(self, instance_id: int, host: str, port: int) -> Connection:
         conn = self._conns.get(instance_id)
         if conn is None or conn.closed or (conn.host, conn.port) != (host, port):
             conn = Connection(instance_id, host, port, self._secret)
             self._conns[instance_id] = conn
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if conn._transport is None:
             try:
                 await conn.connect()
@@ -356,8 +420,14 @@ class ConnectionPool:
         conn = self._conns.pop(instance_id, None)
         if conn is not None:
             conn.retire()
+            if not conn.closed:
+                self._retired.add(conn)
 
     def close(self) -> None:
-        for conn in self._conns.values():
+        for conn in [*self._conns.values(), *self._retired]:
             conn.close()
         self._conns.clear()
+        self._retired.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

@@ -18,7 +18,13 @@ Stream ids are chosen by the client. An id names one open stream of its connecti
 that reuses the id of a stream still open (not yet ended, errored or cancelled) is a protocol
 error, and so is any kind a client does not send or a body over ``MAX_FRAME_BODY``; the server
 then closes the connection, which cancels every stream on it. Once a stream has ended or been
-cancelled its id may be used again (the client's 32-bit counter wraps).
+cancelled its id may be used again (the client's 32-bit counter wraps). A REQUEST beyond the
+server's cap on open streams per connection is answered with an ERROR frame (code
+``too_many_streams``); the connection and its other streams go on.
+
+The client holds the server to the same rules: a body over ``MAX_FRAME_BODY``, a kind a server
+does not send, a body that is not msgpack, or a frame left incomplete for ``READ_TIMEOUT``
+closes the connection and fails its streams.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ HEADER_SIZE = HEADER.size
 # Far above any request or response (a long prompt's ids are a few hundred KiB) and small
 # enough that a peer cannot make the reader hold much for a frame it never finishes.
 MAX_FRAME_BODY = 16 * 1024 * 1024
+# Seconds either end gives a frame it has begun to receive (and the server, the handshake) to
+# complete; a peer that stops mid-frame is disconnected rather than holding the reader's buffer.
+READ_TIMEOUT = 15.0
 
 
 class Kind(IntEnum):

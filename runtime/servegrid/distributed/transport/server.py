@@ -7,9 +7,11 @@ Frames written in the same event-loop iteration are coalesced into one ``write``
 What a peer can make the server hold is bounded: nothing is served before the handshake
 (``handshake.py``); the handshake and every frame must complete within ``read_timeout`` once
 begun, and a frame may not exceed ``MAX_FRAME_BODY``; a stream id in use, or a frame kind a
-client never sends, closes the connection and cancels its streams; responses wait while more
-than ``send_buffer_high`` bytes are unsent (reading from that peer pauses meanwhile), and a
-peer that takes none of them for ``send_stall_timeout`` seconds is disconnected.
+client never sends, closes the connection and cancels its streams; a connection may have at
+most ``max_streams`` streams open, and a request over that is answered with an error frame
+(``too_many_streams``) without running; responses wait while more than ``send_buffer_high``
+bytes are unsent (reading from that peer pauses meanwhile), and a peer that takes none of them
+for ``send_stall_timeout`` seconds is disconnected.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from servegrid.distributed.transport.frames import (
     END,
     ERROR,
     LAST,
+    READ_TIMEOUT,
     REQUEST,
     CoalescingWriter,
     FrameError,
@@ -48,7 +51,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[Any] | Any]
 
-READ_TIMEOUT = 15.0  # seconds to finish the handshake, and each frame once begun
 SEND_BUFFER_HIGH = 1024 * 1024  # unsent response bytes per connection before handlers wait
 SEND_STALL_TIMEOUT = 30.0  # seconds over that without the peer reading: close it
 MAX_LOGGED_PEERS = 1024  # hosts whose refused handshakes are logged (the counter counts all)
@@ -145,6 +147,9 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
                 if stream_id in tasks:
                     self._protocol_error(f"stream id {stream_id} reused while that stream is open")
                     return
+                if len(tasks) >= self._server.max_streams:
+                    self._too_many_streams(stream_id)
+                    continue
                 tasks[stream_id] = self._loop.create_task(self._run(stream_id, body))
             elif kind == CANCEL:
                 task = tasks.pop(stream_id, None)
@@ -237,6 +242,29 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         self._server.protocol_errors += 1
         log.warning("closing request-plane connection from %s: %s", self._peer, reason)
         self._abort()
+
+    def _too_many_streams(self, stream_id: int) -> None:
+        """Refuse one request, not the connection: the streams already open are the peer's
+        legitimate work, and an error frame tells a buggy caller what it did."""
+        server = self._server
+        server.refused_streams += 1
+        logged = server._stream_cap_logged
+        if self._peer not in logged and len(logged) < MAX_LOGGED_PEERS:
+            logged.add(self._peer)
+            log.warning(
+                "refused requests from %s: it has %d streams open on one connection, the cap "
+                "(logged once per host; raise %s if that is legitimate)",
+                self._peer,
+                server.max_streams,
+                env.SERVEGRID_MAX_STREAMS_PER_CONNECTION,
+            )
+        self._error(
+            stream_id,
+            "too_many_streams",
+            f"this connection already has {server.max_streams} streams open, the server's cap "
+            f"({env.SERVEGRID_MAX_STREAMS_PER_CONNECTION}); end or cancel streams before "
+            "opening more",
+        )
 
     def _stalled(self) -> None:
         self._stall_timer = None
@@ -362,6 +390,9 @@ class RequestPlaneServer:
     ``send_buffer_high``: bytes of unsent responses per connection past which handlers wait.
     ``send_stall_timeout``: seconds a connection may stay over that without reading any of
     it before it is closed (its streams cancelled).
+    ``max_streams``: streams one connection may have open at once; a request over it is
+    answered with a ``too_many_streams`` error frame (``DistributedRuntime`` passes
+    ``SERVEGRID_MAX_STREAMS_PER_CONNECTION``).
     """
 
     def __init__(
@@ -373,6 +404,7 @@ class RequestPlaneServer:
         read_timeout: float = READ_TIMEOUT,
         send_buffer_high: int = SEND_BUFFER_HIGH,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
+        max_streams: int = env.DEFAULT_MAX_STREAMS_PER_CONNECTION,
     ) -> None:
         self.host = host
         self.port = port
@@ -380,6 +412,7 @@ class RequestPlaneServer:
         self.read_timeout = read_timeout
         self.send_buffer_high = send_buffer_high
         self.send_stall_timeout = send_stall_timeout
+        self.max_streams = max_streams
         self._handlers: dict[str, HandlerEntry] = {}
         self._connections: set[_ServerConnection] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -391,7 +424,9 @@ class RequestPlaneServer:
         self.stalled_closes = 0
         self.write_pauses = 0
         self.peak_buffered_bytes = 0
+        self.refused_streams = 0
         self._auth_failures_logged: set[str] = set()
+        self._stream_cap_logged: set[str] = set()
 
     def add_handler(
         self,

@@ -37,7 +37,6 @@ from servegrid.engines.base import (
     EngineOutput,
     EngineRequest,
     EngineRequestError,
-    KvEvent,
     KvEventSink,
     LoadMetrics,
     PromptTooLongError,
@@ -46,7 +45,7 @@ from servegrid.engines.lora import check_adapter
 from servegrid.engines.mocker.config import MockerConfig
 from servegrid.engines.mocker.kv_cache import BlockPool
 from servegrid.engines.mocker.timing import step_seconds
-from servegrid.llm.kv_hash import block_hashes, hash_block
+from servegrid.llm.kv_hash import block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +445,6 @@ class MockerEngine(Engine):
         caching = self.config.enable_prefix_caching
         allowed = self._allowed
         n_allowed = len(allowed)
-        stored = pool.stored
         any_done = False
         for seq, n in scheduled:
             if seq.status != _RUNNING:
@@ -455,7 +453,7 @@ class MockerEngine(Engine):
             seq.num_computed = computed
             tokens = seq.tokens
             if caching and computed // bs > seq.num_committed:
-                self._commit_blocks(seq, computed // bs, stored)
+                pool.commit_sequence(seq, computed // bs, bs)
             if computed < len(tokens):
                 continue  # chunked prefill: more prompt next step
             # splitmix64 of (seed, position): the id depends on nothing a migration changes
@@ -481,47 +479,5 @@ class MockerEngine(Engine):
         if any_done:
             self._running = [s for s in self._running if s.status == _RUNNING]
 
-    def _commit_blocks(self, seq: _Seq, full: int, stored: list) -> None:
-        hashes = seq.hashes
-        bs = self._bs
-        start = seq.num_committed
-        new: list[int] = []
-        parent = hashes[start - 1] if start else None
-        chain_parent = parent
-        blocks = seq.blocks
-        commit = self._pool.commit
-        for b in range(start, full):
-            if b < len(hashes):
-                h = hashes[b]
-            else:
-                h = hash_block(seq.tokens[b * bs : (b + 1) * bs], parent, salt=seq.lora)
-                hashes.append(h)
-            if commit(blocks[b], h):
-                if not new:
-                    chain_parent = parent
-                new.append(h)
-            elif new:
-                # A block another sequence already cached splits what this one stored.
-                stored.append((new, chain_parent))
-                new = []
-            parent = h
-        seq.num_committed = full
-        if new:
-            stored.append((new, chain_parent))
-
     def _emit_events(self) -> None:
-        pool = self._pool
-        if not (pool.removed or pool.stored):
-            return
-        sink = self._sink
-        if sink is None:
-            pool.removed.clear()
-            pool.stored.clear()
-            return
-        if pool.removed:
-            removed, pool.removed = pool.removed, []
-            sink(KvEvent("removed", removed))
-        if pool.stored:
-            stored, pool.stored = pool.stored, []
-            for hashes, parent in stored:
-                sink(KvEvent("stored", hashes, parent))
+        self._pool.flush_events(self._sink)

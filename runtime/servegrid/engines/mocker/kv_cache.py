@@ -5,13 +5,30 @@ computed block may also carry its chained hash (``llm.kv_hash``), which makes it
 by later requests with the same prefix. When its last user lets go, a hashed block is
 kept as *evictable* (most recently freed last) rather than freed; allocation takes truly
 free blocks first, then evicts the least recently used evictable one. Stores and
-evictions are collected here and reported once per scheduler step.
+evictions are collected here and reported once per scheduler step (``flush_events``).
+
+The torch engine keeps its blocks with this pool too, so both engines cache and report
+(``commit_sequence``, ``flush_events``) in one way: identical KV events for identical traffic.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol
+
+from servegrid.engines.base import KvEvent, KvEventSink
+from servegrid.llm.kv_hash import hash_block
+
+
+class CachedSequence(Protocol):
+    """What ``BlockPool.commit_sequence`` reads and updates of an engine's sequence."""
+
+    tokens: list[int]
+    blocks: list[int]  # block ids, one per ``block_size`` tokens
+    hashes: list[int]  # chained block hashes computed so far (grows as blocks fill)
+    num_committed: int  # leading blocks already offered to the prefix cache
+    lora: str | None  # the adapter its blocks are salted with
 
 
 class BlockPool:
@@ -98,3 +115,52 @@ class BlockPool:
         self.cached[block_hash] = block
         self.block_hash[block] = block_hash
         return True
+
+    def commit_sequence(self, seq: CachedSequence, full: int, block_size: int) -> None:
+        """Offer ``seq``'s newly full blocks (up to ``full``) to the prefix cache.
+
+        Each run of blocks this caches is recorded as one stored chain with its parent hash;
+        a block another sequence already cached splits the run.
+        """
+        hashes = seq.hashes
+        tokens = seq.tokens
+        blocks = seq.blocks
+        stored = self.stored
+        commit = self.commit
+        start = seq.num_committed
+        new: list[int] = []
+        parent = hashes[start - 1] if start else None
+        chain_parent = parent
+        for b in range(start, full):
+            if b < len(hashes):
+                h = hashes[b]
+            else:
+                h = hash_block(tokens[b * block_size : (b + 1) * block_size], parent, salt=seq.lora)
+                hashes.append(h)
+            if commit(blocks[b], h):
+                if not new:
+                    chain_parent = parent
+                new.append(h)
+            elif new:
+                stored.append((new, chain_parent))
+                new = []
+            parent = h
+        seq.num_committed = full
+        if new:
+            stored.append((new, chain_parent))
+
+    def flush_events(self, sink: KvEventSink | None) -> None:
+        """Report what was evicted and stored since the last flush (dropped without a sink)."""
+        if not (self.removed or self.stored):
+            return
+        if sink is None:
+            self.removed.clear()
+            self.stored.clear()
+            return
+        if self.removed:
+            removed, self.removed = self.removed, []
+            sink(KvEvent("removed", removed))
+        if self.stored:
+            stored, self.stored = self.stored, []
+            for hashes, parent in stored:
+                sink(KvEvent("stored", hashes, parent))

@@ -83,7 +83,7 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
             raise KvTransferError(f"request {reservation.request.request_id}: reservation gone")
         seq.num_computed = reservation.num_tokens
         if self.config.enable_prefix_caching:
-            self._commit_blocks(seq, reservation.num_tokens // self._bs, self._pool.stored)
+            self._pool.commit_sequence(seq, reservation.num_tokens // self._bs, self._bs)
         reservation.committed = True
         self._emit_events()  # the blocks are this worker's now: say so without waiting a step
 

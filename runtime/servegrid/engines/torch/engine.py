@@ -36,7 +36,6 @@ from servegrid.engines.base import (
     EngineOutput,
     EngineRequest,
     EngineRequestError,
-    KvEvent,
     KvEventSink,
     LoadMetrics,
     PromptTooLongError,
@@ -47,7 +46,7 @@ from servegrid.engines.torch.config import TorchConfig
 from servegrid.engines.torch.kv_cache import PagedKvCache
 from servegrid.engines.torch.runner import BatchRow, ModelRunner
 from servegrid.engines.torch.sampling import generator_for
-from servegrid.llm.kv_hash import block_hashes, hash_block
+from servegrid.llm.kv_hash import block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -706,50 +705,11 @@ class TorchEngine(Engine, KvTransferEngine):
     def _commit_blocks(self, seq: Seq, full: int) -> None:
         """Offer the sequence's newly full blocks to the prefix cache (``stored`` events)."""
         assert self._cache is not None
-        pool = self._cache.pool
-        hashes = seq.hashes
-        bs = self._bs
-        start = seq.num_committed
-        new: list[int] = []
-        parent = hashes[start - 1] if start else None
-        chain_parent = parent
-        for b in range(start, full):
-            if b < len(hashes):
-                h = hashes[b]
-            else:
-                h = hash_block(seq.tokens[b * bs : (b + 1) * bs], parent, salt=seq.lora)
-                hashes.append(h)
-            if pool.commit(seq.blocks[b], h):
-                if not new:
-                    chain_parent = parent
-                new.append(h)
-            elif new:
-                # A block another sequence already cached splits what this one stored.
-                pool.stored.append((new, chain_parent))
-                new = []
-            parent = h
-        seq.num_committed = full
-        if new:
-            pool.stored.append((new, chain_parent))
+        self._cache.pool.commit_sequence(seq, full, self._bs)
 
     def _emit_events(self) -> None:
-        if self._cache is None:
-            return
-        pool = self._cache.pool
-        if not (pool.removed or pool.stored):
-            return
-        sink = self._sink
-        if sink is None:
-            pool.removed.clear()
-            pool.stored.clear()
-            return
-        if pool.removed:
-            removed, pool.removed = pool.removed, []
-            sink(KvEvent("removed", removed))
-        if pool.stored:
-            stored, pool.stored = pool.stored, []
-            for hashes, parent in stored:
-                sink(KvEvent("stored", hashes, parent))
+        if self._cache is not None:
+            self._cache.pool.flush_events(self._sink)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

@@ -43,10 +43,6 @@ class PagedKvCache:
     def bytes_per_block(self) -> int:
         return self.tensor[0].numel() * self.tensor.element_size()
 
-    @property
-    def bytes_per_token(self) -> int:
-        return self.bytes_per_block // self.block_size
-
     def gather(
         self, layer: int, block_index: torch.Tensor, offset_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from servegrid.distributed import env
 from servegrid.engines.base import EngineConfigError
 from servegrid.engines.vllm.api import VllmApi
 
@@ -129,7 +130,7 @@ def _check_parallelism(settings: Mapping[str, Any]) -> None:
         pp = int(settings.get("pipeline-parallel-size") or 1)
     except (TypeError, ValueError):
         return  # vLLM's parser names the bad value
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = os.environ.get(env.CUDA_VISIBLE_DEVICES)
     if visible is None or visible == "":
         return
     local = len([d for d in visible.split(",") if d.strip()])
