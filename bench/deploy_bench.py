@@ -14,10 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +32,31 @@ from tests.testbed import inventory as testbed_inventory  # noqa: E402
 
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 WHEELHOUSE_VAR = "servegrid_install_wheelhouse"
+FRONTEND_PORT = 8000  # configs/disagg_router.yaml
+CHAT = {
+    "model": "servegrid/tiny-chat",
+    "messages": [{"role": "user", "content": "Hello"}],
+    "max_tokens": 8,
+}
+
+
+def first_answer(address: str, deadline_s: float = 120) -> float:
+    """Seconds until the frontend at address answers a chat completion (bounded by deadline_s)."""
+    started = time.monotonic()
+    request = urllib.request.Request(
+        f"http://{address}:{FRONTEND_PORT}/v1/chat/completions",
+        data=json.dumps(CHAT).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                if json.load(response)["choices"][0]["message"]["content"]:
+                    return round(time.monotonic() - started, 1)
+        except (urllib.error.URLError, OSError, KeyError, ValueError) as error:
+            if time.monotonic() - started > deadline_s:
+                raise SystemExit(f"no answer from {address}:{FRONTEND_PORT}: {error}") from error
+        time.sleep(0.5)
 
 
 def placement(count: int) -> dict[str, list[str]]:
@@ -53,7 +82,24 @@ def write_inventory(directory: Path, bed: Testbed, count: int, groups: dict[str,
     (directory / "placement.ini").write_text(text)
 
 
-def run_playbook(inventory: Path, wheelhouse: Path, name: str) -> float:
+def slowest_tasks(junit_dir: Path, count: int = 6) -> list[str]:
+    """The tasks that took longest (the slowest host's time), from Ansible's junit callback.
+
+    A task's time on a host runs from the task's start to that host's result, so the slowest
+    host's time is the task's share of the play's wall time (the linear strategy waits for all).
+    """
+    slowest: dict[str, tuple[float, int]] = {}
+    for report in junit_dir.glob("*.xml"):
+        for case in ET.parse(report).getroot().iter("testcase"):
+            host, _, task = case.get("name", "").partition("] ")
+            seconds = float(case.get("time") or 0)
+            worst, hosts = slowest.get(task, (0.0, 0))
+            slowest[task] = (max(worst, seconds), hosts + 1 if host else hosts)
+    ranked = sorted(slowest.items(), key=lambda item: item[1][0], reverse=True)[:count]
+    return [f"{seconds:6.1f}s  {hosts} host(s)  {task}" for task, (seconds, hosts) in ranked]
+
+
+def run_playbook(inventory: Path, wheelhouse: Path, name: str, junit_dir: Path) -> float:
     started = time.monotonic()
     result = subprocess.run(
         [
@@ -65,7 +111,14 @@ def run_playbook(inventory: Path, wheelhouse: Path, name: str) -> float:
             f"{WHEELHOUSE_VAR}={wheelhouse}",
         ],
         cwd=REPO,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+        env={
+            **os.environ,
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.junit",
+            "JUNIT_OUTPUT_DIR": str(junit_dir),
+            "JUNIT_HIDE_TASK_ARGUMENTS": "true",  # keep secrets out of the report
+            "JUNIT_INCLUDE_SETUP_TASKS_IN_REPORT": "true",
+        },
         capture_output=True,
         text=True,
         timeout=1800,
@@ -80,13 +133,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=4)
     args = parser.parse_args()
+    # Killed or interrupted, still tear the test nodes down (the finally below): a background
+    # job inherits SIGINT ignored, and SIGTERM would otherwise end Python without unwinding.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, _frame: sys.exit(128 + signum))
     cfg = TestbedConfig.from_env(
         prefix="sgdb", subnet="10.213.11.0/24", state_dir="/run/servegrid-testbed-deploy-bench"
     )
     bed = Testbed(cfg)
+    load_at_start = os.getloadavg()
     timings: dict[str, float] = {}
+    slowest: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+
+        def timed(label: str, name: str) -> None:
+            junit_dir = work / f"junit-{len(timings)}"
+            timings[label] = run_playbook(inventory, wheelhouse, name, junit_dir)
+            slowest[label] = slowest_tasks(junit_dir)
+
         wheelhouse = work / "wheelhouse"
         subprocess.run(
             ["bash", "scripts/build-wheelhouse.sh", str(wheelhouse)], cwd=REPO, check=True
@@ -102,19 +167,27 @@ def main() -> None:
             bed.up(args.nodes)
             timings["nodes up"] = round(time.monotonic() - started, 1)
             write_inventory(inventory, bed, args.nodes, groups)
-            timings["first deploy (bare nodes to first answer)"] = run_playbook(
-                inventory, wheelhouse, "deploy-disagg.yml"
+            timed("first deploy (deploy-disagg.yml on bare nodes)", "deploy-disagg.yml")
+            frontend = next(n.ip for n in bed.nodes() if n.name == "node1")
+            timings["bare nodes to first answer (deploy + first chat completion)"] = round(
+                timings["first deploy (deploy-disagg.yml on bare nodes)"] + first_answer(frontend),
+                1,
             )
-            timings["idempotent re-run"] = run_playbook(inventory, wheelhouse, "deploy-disagg.yml")
+            timed("idempotent re-run", "deploy-disagg.yml")
             bed.up(args.nodes + 1)
             groups["decode"].append(f"node{args.nodes + 1}")
             write_inventory(inventory, bed, args.nodes + 1, groups)
-            timings["scale-out of one decode node"] = run_playbook(
-                inventory, wheelhouse, "deploy-disagg.yml"
-            )
+            timed("scale-out of one decode node", "deploy-disagg.yml")
         finally:
             bed.down()
-    print(json.dumps({"nodes": args.nodes, "seconds": timings}, indent=2))
+    report = {
+        "nodes": args.nodes,
+        "seconds": timings,
+        "load average (1, 5, 15 min) at start": load_at_start,
+        "load average at end": os.getloadavg(),
+        "slowest tasks": slowest,
+    }
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
