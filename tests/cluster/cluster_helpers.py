@@ -40,11 +40,20 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+# Settings every test's ansible run shares. The repository's ansible.cfg prints results as
+# YAML for people; tests read them as JSON, where messages keep their quotes as written.
+ANSIBLE_TEST_ENV = {
+    "ANSIBLE_HOST_KEY_CHECKING": "False",
+    "ANSIBLE_NOCOLOR": "1",
+    "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+}
+
+
 def run_ansible(
     inventory: Path, pattern: str, *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run an ad-hoc ansible command against test nodes; output kept for assertions."""
-    env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "False", "ANSIBLE_NOCOLOR": "1"}
+    env = {**os.environ, **ANSIBLE_TEST_ENV}
     return subprocess.run(
         [str(ANSIBLE), "-i", str(inventory), pattern, *args],
         capture_output=True,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from cluster_helpers import REPO
+from cluster_helpers import ANSIBLE_TEST_ENV, REPO
 from tests.testbed import UpResult
 
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
@@ -81,8 +81,7 @@ def run_playbook(
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
-        "ANSIBLE_NOCOLOR": "1",
+        **ANSIBLE_TEST_ENV,
         "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_FORKS": "16",

@@ -111,6 +111,18 @@ class Deployment:
         return result.stdout
 
 
+def frontend_errors(deployment: Deployment) -> str:
+    """What the frontend nodes' servegrid units logged as errors: the why of a failed request."""
+    found = []
+    for node in ["node1", "node2"]:
+        log = deployment.nodes[node].ssh(
+            "journalctl --no-pager -o cat -u 'servegrid-*' | "
+            "grep -E -B3 -A25 'Traceback|ERROR|internal error' | tail -n 150"
+        )
+        found.append(f"--- {node} ---\n{log.stdout}")
+    return "\n".join(found)
+
+
 def recap(output: str) -> dict[str, dict[str, int]]:
     return {
         host: {"ok": int(ok), "changed": int(ch), "unreachable": int(un), "failed": int(fa)}
@@ -418,7 +430,7 @@ def test_rolling_upgrade_under_load_fails_no_request(deployment: Deployment, tmp
         f"[deploy] upgrade load: ok={load.ok} failed={len(load.failed)} "
         f"redirected={load.redirected}"
     )
-    assert load.failed == []
+    assert load.failed == [], frontend_errors(deployment)
     assert load.ok > 0
     assert load.redirected > 0  # the load ran while the frontends restarted
     for node in ["node1", "node2", "node4", "node5"]:

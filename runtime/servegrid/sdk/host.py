@@ -1,7 +1,8 @@
 """Host services in this process: construct, start, serve, register; drain and stop.
 
 A stop (SIGTERM or SIGINT) is graceful: the process leaves discovery first (callers stop
-choosing it), then finishes what it has in flight, the request plane's streams and whatever
+choosing it; it goes on serving for ``LEAVE_GRACE_S`` while their watches catch up), then
+finishes what it has in flight, the request plane's streams and whatever
 the services' ``@async_on_drain`` hooks hold (the Frontend's open HTTP streams), for up to
 ``ServiceArgs.drain-timeout`` seconds (default 30), and only then runs the shutdown hooks
 and exits. Callers keep their connections to a draining process until their streams end.
@@ -69,6 +70,19 @@ async def republish_metadata(instance: Any) -> None:
 async def _call_hooks(hosted: HostedService, names: list[str]) -> None:
     for name in names:
         await getattr(hosted.instance, name)()
+
+
+# After leaving discovery, go on serving this long before draining. A caller whose discovery
+# watch has not yet seen us leave (the file backend polls every 0.2 s; an etcd watch crosses
+# the network) may still send a request, on a pooled connection or a new one. Without it, a
+# process with nothing in flight exited at once and such a request was cut: a 500 now and
+# then in a rolling upgrade under load.
+LEAVE_GRACE_S = 1.0
+
+
+async def _linger(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
 
 
 async def _drain(runtime: DistributedRuntime, hosted: list[HostedService], timeout: float) -> None:
@@ -144,6 +158,7 @@ async def host_services(
     finally:
         # Leave discovery first so callers stop choosing us, then let in-flight work finish.
         await runtime.unregister_all()
+        await _linger(min(LEAVE_GRACE_S, drain_timeout))
         await _drain(runtime, hosted, drain_timeout)
         for item in reversed(hosted):
             try:
