@@ -80,19 +80,18 @@ async def _call_hooks(hosted: HostedService, names: list[str]) -> None:
 LEAVE_GRACE_S = 1.0
 
 
-async def _linger(seconds: float) -> None:
-    if seconds > 0:
-        await asyncio.sleep(seconds)
-
-
 async def _drain(runtime: DistributedRuntime, hosted: list[HostedService], timeout: float) -> None:
     """Finish in-flight work (request plane and ``@async_on_drain`` hooks) within ``timeout``."""
     started = asyncio.get_running_loop().time()
-    in_flight = runtime.server.in_flight
-    jobs: list[tuple[str, Awaitable[Any]]] = [("request plane", runtime.server.drain(timeout))]
+    in_flight = runtime.server.in_flight  # counted as we left discovery: what the drain finishes
+    grace = min(LEAVE_GRACE_S, timeout)
+    if grace > 0:
+        await asyncio.sleep(grace)
+    rest = timeout - grace
+    jobs: list[tuple[str, Awaitable[Any]]] = [("request plane", runtime.server.drain(rest))]
     for item in hosted:
         for name in item.spec.on_drain:
-            jobs.append((f"{item.spec.name}.{name}", getattr(item.instance, name)(timeout)))
+            jobs.append((f"{item.spec.name}.{name}", getattr(item.instance, name)(rest)))
     results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
     for (what, _), result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
@@ -158,7 +157,6 @@ async def host_services(
     finally:
         # Leave discovery first so callers stop choosing us, then let in-flight work finish.
         await runtime.unregister_all()
-        await _linger(min(LEAVE_GRACE_S, drain_timeout))
         await _drain(runtime, hosted, drain_timeout)
         for item in reversed(hosted):
             try:
