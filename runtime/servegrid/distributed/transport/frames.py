@@ -106,14 +106,16 @@ class CoalescingWriter:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write what was queued in one call; False when nothing was written."""
         self._flush_scheduled = False
         out, self._out = self._out, []
         self._out_bytes = 0
         transport = self._transport
         if not out or transport is None or transport.is_closing():
-            return
+            return False
         transport.write(b"".join(out) if len(out) > 1 else out[0])
+        return True
 
 
 class FrameError(Exception):

@@ -296,20 +296,16 @@ class _ServerConnection(CoalescingWriter, asyncio.Protocol):
         raw = self._raw
         return self._out_bytes + (raw.get_write_buffer_size() if raw is not None else 0)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        self._out_bytes = 0
-        transport = self._transport
-        if not out or transport is None or transport.is_closing():
-            return
-        transport.write(b"".join(out) if len(out) > 1 else out[0])
-        buffered = transport.get_write_buffer_size()
+    def _flush(self) -> bool:
+        if not super()._flush():
+            return False
+        buffered = self._transport.get_write_buffer_size()
         server = self._server
         if buffered > server.peak_buffered_bytes:
             server.peak_buffered_bytes = buffered
         if self._drain_waiters and not self._paused:
             self._wake_drainers()  # _out_bytes is 0 now: below the limit
+        return True
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
