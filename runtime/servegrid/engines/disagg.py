@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from servegrid.engines.base import EngineConfigError, EngineOutput, EngineRequest
+from servegrid.engines.base import EngineConfigError, EngineOutput, EngineRequest, SamplingParams
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -154,6 +154,16 @@ class KvTransferEngine(abc.ABC):
         self, request: EngineRequest, first_token: int, num_tokens: int
     ) -> PrefilledKv:
         """Compute the prompt's KV and expose tokens ``[first_token, num_tokens)`` of it."""
+
+
+def prefill_only(request: EngineRequest) -> EngineRequest:
+    """The request a prefill worker runs: the whole prompt, one sampled token, no early stop."""
+    return EngineRequest(
+        request.request_id,
+        request.token_ids,
+        SamplingParams(max_tokens=1, ignore_eos=True),
+        lora_name=request.lora_name,
+    )
 
 
 def supports_kv_transfer(engine: object) -> bool:

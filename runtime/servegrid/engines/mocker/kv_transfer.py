@@ -14,8 +14,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from servegrid.engines.base import EngineOutput, EngineRequest, SamplingParams
-from servegrid.engines.disagg import KvLayout, KvReservation, KvTransferEngine, PrefilledKv
+from servegrid.engines.base import EngineOutput, EngineRequest
+from servegrid.engines.disagg import (
+    KvLayout,
+    KvReservation,
+    KvTransferEngine,
+    PrefilledKv,
+    prefill_only,
+)
 from servegrid.engines.mocker.engine import _DONE, _RUNNING, MockerEngine, _Seq
 
 _RESERVED = 3  # holds blocks outside the scheduler's queues, waiting for remote KV
@@ -119,12 +125,7 @@ class KvTransferMocker(MockerEngine, KvTransferEngine):
     ) -> PrefilledKv:
         # A real prefill through the scheduler (batched with other prefills, chunked, timed);
         # the computed blocks stay in this worker's prefix cache afterwards.
-        prefill = EngineRequest(
-            request.request_id,
-            request.token_ids,
-            SamplingParams(max_tokens=1, ignore_eos=True),
-            lora_name=request.lora_name,
-        )
+        prefill = prefill_only(request)
         async for _ in self.generate(prefill):
             pass
         logical = self.kv_layout().bytes_for(num_tokens - first_token)

@@ -39,9 +39,14 @@ from servegrid.engines.base import (
     KvEventSink,
     LoadMetrics,
     PromptTooLongError,
-    SamplingParams,
 )
-from servegrid.engines.disagg import KvLayout, KvReservation, KvTransferEngine, PrefilledKv
+from servegrid.engines.disagg import (
+    KvLayout,
+    KvReservation,
+    KvTransferEngine,
+    PrefilledKv,
+    prefill_only,
+)
 from servegrid.engines.torch.config import TorchConfig
 from servegrid.engines.torch.kv_cache import PagedKvCache
 from servegrid.engines.torch.runner import BatchRow, ModelRunner
@@ -335,12 +340,7 @@ class TorchEngine(Engine, KvTransferEngine):
     ) -> PrefilledKv:
         # A real prefill through the scheduler, batched with this worker's other work; the
         # sequence keeps its blocks past its one sampled token until the transfer is done.
-        prefill = EngineRequest(
-            request.request_id,
-            request.token_ids,
-            SamplingParams(max_tokens=1, ignore_eos=True),
-            lora_name=request.lora_name,
-        )
+        prefill = prefill_only(request)
         seq = self._new_seq(prefill)
         seq.keep_blocks = True
         async for _ in self._stream(seq, self._enqueue):
