@@ -12,24 +12,11 @@ import asyncio
 
 import pytest
 
-from servegrid.distributed.discovery.file import FileDiscovery
 from servegrid.distributed.errors import ConnectionLostError, NoInstancesError
 from servegrid.distributed.runtime import DistributedRuntime
 
-
-@pytest.fixture
-async def runtimes(tmp_path):
-    made: list[DistributedRuntime] = []
-
-    async def make() -> DistributedRuntime:
-        rt = DistributedRuntime(FileDiscovery(tmp_path))
-        await rt.discovery.start()
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        await rt.shutdown(drain_timeout=0)
+# Teardown cuts what a test left in flight (the `runtimes` fixture is in conftest.py).
+RUNTIME_DRAIN_TIMEOUT = 0.0
 
 
 def _cut_connections(rt: DistributedRuntime) -> None:

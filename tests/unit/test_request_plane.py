@@ -6,24 +6,7 @@ import asyncio
 
 import pytest
 
-from servegrid.distributed.discovery.file import FileDiscovery
 from servegrid.distributed.errors import NoInstancesError, RemoteError
-from servegrid.distributed.runtime import DistributedRuntime
-
-
-@pytest.fixture
-async def runtimes(tmp_path):
-    made: list[DistributedRuntime] = []
-
-    async def make() -> DistributedRuntime:
-        rt = DistributedRuntime(FileDiscovery(tmp_path))
-        await rt.discovery.start()
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        await rt.shutdown(drain_timeout=1)
 
 
 async def test_streaming_and_unary_calls_across_runtimes(runtimes):
